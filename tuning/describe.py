@@ -1,0 +1,61 @@
+"""Text summary of a dataset: sizes, SNR/heard statistics, and the two
+yardsticks (Bayes oracle, network centre) on its held-out test split."""
+from __future__ import annotations
+
+import numpy as np
+
+from heimdall.catalog import Catalog
+from heimdall.datasets import TEST, SplitConfig, open_dataset, split_assignment
+from heimdall.geometry import default_frame
+from heimdall.metrics import format_reports, localization_report
+from heimdall.oracle import BayesOracle, centre_baseline
+from heimdall.receivers import STATION_IDS
+from heimdall.scene import GeneratorConfig
+
+__all__ = ["describe_dataset", "baseline_reports"]
+
+
+def baseline_reports(config: GeneratorConfig, labels: dict[str, np.ndarray]) -> dict:
+    """Oracle and centre reports on the given recordings (labels from the catalogue)."""
+    east, north = default_frame().to_local(labels["tx_lat"], labels["tx_lon"])
+    truth = np.stack([east, north], axis=-1)
+    mean, cov = BayesOracle(config).posterior(labels["rx_power_dbm"], labels["heard"], labels["frequency_hz"])
+    c_mean, c_cov = centre_baseline(config, len(truth))
+    return {"oracle": localization_report(mean, cov, truth), "centre": localization_report(c_mean, c_cov, truth)}
+
+
+def describe_dataset(catalog: Catalog, name: str, *, max_oracle: int = 2000) -> str:
+    """Multi-line description of dataset ``name``.
+
+    Args:
+        catalog: the catalogue holding it.
+        name: dataset name (must be complete).
+        max_oracle: at most this many test recordings go to the oracle (it costs ~ms each).
+    """
+    info = open_dataset(catalog, name)
+    labels = catalog.recordings(name)
+    n = len(labels["recording_id"])
+    heard = labels["heard"].astype(bool)
+    snr = labels["snr_db"]
+    size = sum(s.n_bytes for s in catalog.shards(name))
+    lines = [
+        f"dataset {info.name!r} ({info.kind}, seed {info.seed}), created {info.created_at:%Y-%m-%d %H:%M}",
+        f"  {n} recordings in {info.n_shards} shards, {size / 1e6:.1f} MB, store {info.store}",
+        f"  receivers heard per recording: mean {heard.sum(1).mean():.2f} of {heard.shape[1]}; "
+        f"inside hull {np.mean(labels['inside_hull']):.1%}",
+        f"  SNR of heard receivers (dB): p10 {np.percentile(snr[heard], 10):.1f}, "
+        f"median {np.median(snr[heard]):.1f}, p90 {np.percentile(snr[heard], 90):.1f}",
+        "  heard fraction per receiver: " + ", ".join(f"{s} {heard[:, i].mean():.0%}" for i, s in enumerate(STATION_IDS)),
+    ]
+    if info.kind != "synthetic":
+        lines.append("  (imported data: no generator, so no oracle baseline)")
+        return "\n".join(lines)
+    config = GeneratorConfig.from_dict(info.config)
+    test = np.flatnonzero(split_assignment(labels["recording_id"], SplitConfig()) == TEST)[:max_oracle]
+    sub = {k: v[test] for k, v in labels.items()}
+    rows = baseline_reports(config, sub)
+    inside = sub["inside_hull"].astype(bool)
+    if inside.any():
+        rows.update({f"{k} (hull)": v for k, v in baseline_reports(config, {k: v[inside] for k, v in sub.items()}).items()})
+    lines += ["", f"baselines on the held-out test split ({len(test)} recordings; km, local frame):", format_reports(rows)]
+    return "\n".join(lines)
