@@ -22,8 +22,8 @@ class LocalFrame:
     """Orthographic tangent plane on a sphere, centred at ``(origin_lat, origin_lon)``.
 
     ``to_local`` and ``to_geographic`` are exact inverses within the visible
-    hemisphere; over ±300 km the plane distance differs from the great-circle
-    distance by well under 0.1%.
+    hemisphere; within ±200 km of the origin the plane distance differs from the
+    great-circle distance by under 0.1%.
     """
 
     origin_lat: float

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from heimdall.errors import collect_problems
+from heimdall.errors import ConfigError, collect_problems
 from heimdall.geometry import LocalFrame, default_frame
 from heimdall.receivers import STATIONS
 
@@ -113,6 +113,9 @@ class GeneratorConfig:
         p: list[str] = []
 
         def rng_ok(name: str, lo_hi: tuple[float, float], lo: float | None = None, hi: float | None = None) -> None:
+            if len(lo_hi) != 2:
+                p.append(f"{name} must be a (low, high) pair, got {lo_hi}")
+                return
             a, b = lo_hi
             if not a <= b:
                 p.append(f"{name}: low <= high must hold, got {lo_hi}; swap the bounds")
@@ -148,6 +151,9 @@ class GeneratorConfig:
                 p.append(f"{name} must lie in [0, 1], got {v}")
         if self.outside_margin_km <= 0 and self.inside_hull_fraction < 1.0:
             p.append(f"outside_margin_km must be > 0 when inside_hull_fraction < 1, got {self.outside_margin_km}")
+        for name in ("carrier_ppm", "receiver_ppm_sigma", "station_seed"):
+            if getattr(self, name) < 0:
+                p.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.sample_rate_hz <= 0:
             p.append(f"sample_rate_hz must be > 0, got {self.sample_rate_hz}")
         if self.n_samples < 256 or self.n_samples % 128:
@@ -319,14 +325,23 @@ def sample_scene(config: GeneratorConfig, n: int, rng: np.random.Generator) -> S
         A :class:`Scene` where every recording is heard by at least ``config.min_heard``
         receivers.
     """
+    if n < 1:
+        raise ValueError(f"n must be >= 1 recordings, got {n}")
     frame = default_frame()
     hull = hull_polygon(frame)
     stations = frame.stations_local()
     sp = station_params(config)
     parts: list[dict[str, np.ndarray]] = []
-    need = n
+    need, drawn = n, 0
     while need > 0:
+        if drawn > 1000 * n + 10_000:
+            raise ConfigError("GeneratorConfig", [
+                f"fewer than 1 in 1000 draws reach min_heard={config.min_heard} receivers with noise floors "
+                f"{config.noise_floor_dbm} dBm and transmit power {config.tx_power_dbm} dBm; fix: lower the noise "
+                f"floor or min_heard, or raise the transmit power"
+            ])
         m = max(need + need // 2, 16)
+        drawn += m
         pos = _sample_positions(config, m, rng, hull)
         ptx = rng.uniform(*config.tx_power_dbm, m)
         weights = np.asarray(config.band_weights, dtype=np.float64)

@@ -253,7 +253,7 @@ def _cast(name: str, value: Any, n: int, where: str) -> np.ndarray:
     if arr.dtype.kind == "f":
         bad = ~np.isfinite(arr) if not spec.nan_ok else np.isinf(arr)
         if bad.any():
-            allowed = "NaN (unknown) is allowed, infinities are not" if spec.nan_ok else "NaN and infinities are not allowed"
+            allowed = "NaN (unknown) is allowed, infinities are not" if spec.nan_ok else "NaN and inf are not allowed"
             raise DataError(f"{where}: {name!r} has {int(bad.sum())} non-finite value(s); {allowed}")
     return arr
 

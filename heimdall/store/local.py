@@ -95,7 +95,10 @@ class LocalStore:
     def _path(self, key: str) -> Path:
         validate_key(key)
         if key.split("/", 1)[0] == _PARTIAL_DIR:
-            raise ConfigError("blob key", [f"keys under {_PARTIAL_DIR!r}/ are reserved for unfinished writes, got {key!r}; pick another first segment"])
+            raise ConfigError("blob key", [
+                f"keys under {_PARTIAL_DIR!r}/ are reserved for unfinished writes, got {key!r}; "
+                f"pick another first segment"
+            ])
         return self.root / key
 
     def _walk(self, start: Path) -> Iterator[str]:
@@ -129,5 +132,5 @@ class LocalStore:
         except (FileExistsError, NotADirectoryError, IsADirectoryError) as err:
             raise AlreadyExistsError(
                 f"key {key!r} clashes with an existing key in {self.describe()} ({err.strerror}): "
-                f"a local store cannot hold both 'a' and 'a/b'; choose keys that are not prefixes of each other by a '/'"
+                f"a local store cannot hold both 'a' and 'a/b'; choose keys where no key is a folder of another"
             ) from None

@@ -297,10 +297,12 @@ class S3Store:
         if code in _MISSING_CODES and key is not None:
             return missing_object_error(key, self.describe())
         if code in _MISSING_CODES:
-            return NotFoundError(f"bucket {self.bucket!r} does not exist at {self.settings.url}; write to the store first to create it")
+            return NotFoundError(
+                f"bucket {self.bucket!r} does not exist at {self.settings.url}; write to the store first to create it"
+            )
         if code in _AUTH_CODES:
             return ConfigError("S3 credentials", [
-                f"{self.settings.url} refused to {action} in {self.describe()} with access key "
+                f"the S3 server refused to {action} in {self.describe()} with access key "
                 f"{_mask(self.settings.access_key)} ({code}); set AWS_ACCESS_KEY_ID and "
                 f"AWS_SECRET_ACCESS_KEY to an identity the server knows (local stack: source .heimdall/services/env.sh)"
             ])
@@ -334,7 +336,7 @@ def _make_client(settings: S3Settings) -> minio.Minio:
         maxsize=10,
         cert_reqs="CERT_REQUIRED",
         ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
-        retries=urllib3.Retry(total=RETRIES, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+        retries=urllib3.Retry(total=RETRIES, connect=1, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
     )
     return minio.Minio(
         settings.host,
@@ -352,6 +354,5 @@ def _mask(access_key: str) -> str:
 
 def _short_reason(err: Exception) -> str:
     reason = getattr(err, "reason", None) or err
-    text = str(reason)
-    # urllib3 prefixes the connection object's repr: "<...HTTPConnection object at 0x..>: Failed ..."
-    return text.split(">: ", 1)[1] if text.startswith("<") and ">: " in text else text
+    # urllib3 prefixes the connection: "HTTPConnection(host='h', port=1): Failed to establish ..."
+    return re.sub(r"^<?\w*Connection[^>)]*[>)]: ", "", str(reason))
