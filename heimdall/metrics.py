@@ -208,10 +208,14 @@ def covariance_from_sigmas(sigma_east: ArrayLike, sigma_north: ArrayLike, rho: A
     if se.ndim != 1:
         raise ValueError(f"sigmas must be scalars or 1-D arrays, got shape {se.shape}; flatten them to (N,)")
     for name, s in (("sigma_east", se), ("sigma_north", sn)):
-        if not (np.isfinite(s) & (s > 0)).all():
-            raise ValueError(f"{name} must be finite and > 0, got min {np.nanmin(s)} (or non-finite); clamp it, e.g. softplus + epsilon")
-    if not (np.abs(r) < 1).all():
-        raise ValueError(f"rho must lie in (-1, 1), got values with max |rho| = {np.nanmax(np.abs(r))}; squash it, e.g. with tanh")
+        bad = ~(np.isfinite(s) & (s > 0))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"{name} must be finite and > 0, got {s[i]} at index {i}; clamp it, e.g. softplus + epsilon")
+    bad = ~(np.abs(r) < 1)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"rho must lie in (-1, 1), got {r[i]} at index {i}; squash it, e.g. with tanh")
     cov = np.empty(se.shape + (2, 2))
     cov[:, 0, 0] = se * se
     cov[:, 1, 1] = sn * sn
