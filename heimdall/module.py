@@ -1,0 +1,295 @@
+"""The Lightning wrapper: a network, a loss and an optimizer setting, nothing else.
+
+Batches are dicts:
+
+* ``features``: float (B, R, n_fft, n_frames), :mod:`heimdall.features` units;
+* ``mask``: bool (B, R), receivers heard;
+* ``target``: float (B, 2), true east/north divided by ``target_scale_km``;
+* optional ``oracle_mean`` (B, 2) km and ``oracle_cov`` (B, 2, 2) km^2: the
+  Bayes oracle on the same recordings, for ``val/oracle_ratio``.
+
+At the end of each validation epoch the predictions, converted to km, are
+scored by :func:`heimdall.metrics.localization_report` and logged as
+``val/median_km``, ``val/p90_km``, ``val/nll_km``, ``val/coverage_1sigma``,
+``val/coverage_2sigma``, ``val/coverage_95``, ``val/coverage_mad``,
+``val/sharpness_km`` (and ``val/oracle_ratio``, ``val/oracle_median_km`` when
+the batches carry the oracle). The module never talks to Ray or a tracker:
+loggers and callbacks are added by whoever builds the Trainer.
+
+Example::
+
+    model = build_model("resnet", ResNetConfig())
+    module = LocalizationModule(model, LossConfig(), OptimizerConfig(max_epochs=20), TargetScaling())
+    pl.Trainer(max_epochs=20).fit(module, datamodule)
+    restored = LocalizationModule.from_checkpoint("last.ckpt")
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from heimdall.errors import ConfigError, collect_problems
+from heimdall.features import FeatureConfig, validate_features
+from heimdall.losses import LossConfig, localization_loss, validate_model_and_loss
+from heimdall.metrics import localization_report
+from heimdall.models import GeographicOutput, TargetScaling, build_model, decode_head
+
+__all__ = ["SCHEDULES", "OptimizerConfig", "LocalizationModule"]
+
+SCHEDULES = ("cosine", "constant", "onecycle")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW and its learning-rate schedule.
+
+    Attributes:
+        lr: peak learning rate.
+        weight_decay: AdamW decay, applied to weight matrices and kernels only
+            (not to biases or normalisation scales).
+        batch_size: recordings per step (read by the data module).
+        schedule: ``"cosine"`` (linear warm-up, cosine decay to 0 at
+            ``max_epochs``), ``"constant"`` (warm-up, then flat) or
+            ``"onecycle"`` (torch's OneCycleLR, warm-up share = warmup / max_epochs).
+        warmup: warm-up length in epochs (fractions allowed).
+        max_epochs: the schedule's horizon; build the Trainer with the same value.
+        grad_clip: gradient-norm clip (0 disables); a Trainer's own
+            ``gradient_clip_val`` takes precedence.
+    """
+
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 64
+    schedule: str = "cosine"
+    warmup: float = 1.0
+    max_epochs: int = 20
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        if not (math.isfinite(self.lr) and 0 < self.lr <= 1.0):
+            p.append(f"lr must lie in (0, 1], got {self.lr}")
+        if not self.weight_decay >= 0:
+            p.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            p.append(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if self.schedule not in SCHEDULES:
+            p.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not (isinstance(self.max_epochs, int) and self.max_epochs >= 1):
+            p.append(f"max_epochs must be an integer >= 1, got {self.max_epochs!r}")
+        elif not 0 <= self.warmup < self.max_epochs:
+            p.append(f"warmup must lie in [0, max_epochs={self.max_epochs}) epochs, got {self.warmup}")
+        if not self.grad_clip >= 0:
+            p.append(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        collect_problems("OptimizerConfig", p)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OptimizerConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error naming the valid ones."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        collect_problems("OptimizerConfig", [f"unknown key {k!r}; valid keys: {', '.join(sorted(names))}" for k in unknown])
+        return cls(**data)
+
+
+def _lr_factor(schedule: str, progress_epochs: float, warmup: float, max_epochs: int) -> float:
+    """Multiplier of the peak lr after ``progress_epochs`` (fractional) epochs."""
+    if warmup > 0 and progress_epochs < warmup:
+        return max(progress_epochs / warmup, 1e-3)
+    if schedule == "constant":
+        return 1.0
+    span = max(max_epochs - warmup, 1e-9)
+    t = min(max(progress_epochs - warmup, 0.0) / span, 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+class LocalizationModule(pl.LightningModule):
+    """Train and validate one localization network.
+
+    Args:
+        model: a network from :func:`heimdall.models.build_model` (it carries
+            ``arch``, ``config`` and ``n_receivers``, saved to rebuild it).
+        loss_config: the objective; defaults to :class:`LossConfig`.
+        optimizer_config: AdamW and schedule; defaults to :class:`OptimizerConfig`.
+        target_scaling: how targets were normalised; defaults to :class:`TargetScaling`.
+        feature_config: how features were computed, saved so inference rebuilds them.
+
+    Raises:
+        ConfigError: when the model lacks ``arch``/``config`` or the configs do
+            not fit together (every problem listed).
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_config: LossConfig | None = None,
+                 optimizer_config: OptimizerConfig | None = None, target_scaling: TargetScaling | None = None,
+                 feature_config: FeatureConfig | None = None) -> None:
+        super().__init__()
+        if not all(hasattr(model, a) for a in ("arch", "config", "n_receivers")):
+            raise ConfigError("LocalizationModule", [
+                f"model must come from heimdall.models.build_model (with arch, config, n_receivers), got {type(model).__name__}"
+            ])
+        self.model = model
+        self.loss_config = loss_config or LossConfig()
+        self.optimizer_config = optimizer_config or OptimizerConfig()
+        self.target_scaling = target_scaling or TargetScaling()
+        self.feature_config = feature_config or FeatureConfig()
+        validate_model_and_loss(model.config, self.loss_config, self.optimizer_config)
+        self.save_hyperparameters({
+            "arch": model.arch,
+            "n_receivers": model.n_receivers,
+            "model_config": model.config.to_dict(),
+            "loss_config": self.loss_config.to_dict(),
+            "optimizer_config": self.optimizer_config.to_dict(),
+            "target_scaling": self.target_scaling.to_dict(),
+            "feature_config": self.feature_config.to_dict(),
+        })
+        self._val: dict[str, list[torch.Tensor]] = {}
+
+    # -- rebuilding and inference ------------------------------------------------
+
+    @classmethod
+    def from_hparams(cls, hparams: dict[str, Any]) -> LocalizationModule:
+        """Rebuild an untrained module from saved hyperparameters (``module.hparams``)."""
+        model = build_model(hparams["arch"], hparams["model_config"], n_receivers=hparams["n_receivers"])
+        return cls(
+            model,
+            LossConfig.from_dict(hparams["loss_config"]),
+            OptimizerConfig.from_dict(hparams["optimizer_config"]),
+            TargetScaling.from_dict(hparams["target_scaling"]),
+            FeatureConfig.from_dict(hparams["feature_config"]),
+        )
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> LocalizationModule:
+        """Rebuild a trained module from a Lightning checkpoint written by this class.
+
+        Raises:
+            ConfigError: when the checkpoint holds no hyperparameters of this module.
+        """
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        hparams = ckpt.get("hyper_parameters")
+        if not hparams or "arch" not in hparams:
+            raise ConfigError("checkpoint", [f"{path} has no LocalizationModule hyperparameters; was it written by another module?"])
+        module = cls.from_hparams(dict(hparams))
+        module.load_state_dict(ckpt["state_dict"])
+        return module
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's head (B, 4|5), normalised units."""
+        return self.model(features, mask)
+
+    def predict_gaussian(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted mean (B, 2) km and covariance (B, 2, 2) km^2 in the tangent frame."""
+        return self._to_km(self.model(features, mask))
+
+    def geographic_model(self) -> GeographicOutput:
+        """The network wrapped to output lat/lon and sigmas in meters (what gets exported)."""
+        return GeographicOutput(self.model, self.target_scaling, self.loss_config.sigma_floor, self.loss_config.rho_limit)
+
+    def _to_km(self, head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, sigma, rho = decode_head(head, self.loss_config.sigma_floor, self.loss_config.rho_limit)
+        scale = self.target_scaling.target_scale_km
+        mean_km, sig_km = mean * scale, sigma * scale
+        off = torch.zeros_like(sig_km[:, 0]) if rho is None else rho * sig_km[:, 0] * sig_km[:, 1]
+        cov = torch.stack([torch.stack([sig_km[:, 0].square(), off], -1), torch.stack([off, sig_km[:, 1].square()], -1)], -2)
+        return mean_km, cov
+
+    # -- steps ---------------------------------------------------------------------
+
+    def _step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        features, mask, target = batch["features"], batch["mask"], batch["target"]
+        validate_features(features, mask, n_receivers=self.model.n_receivers, config=self.feature_config)
+        if tuple(target.shape) != (features.shape[0], 2):
+            raise ValueError(f"batch['target'] must be (B, 2) normalised east/north, got {tuple(target.shape)}")
+        head = self.model(features, mask)
+        return head, localization_loss(head, target.to(head.dtype), self.loss_config, self.current_epoch)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """One optimisation step; logs ``train/loss``."""
+        _, loss = self._step(batch)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch["target"].shape[0])
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        """Forget the previous epoch's gathered predictions."""
+        self._val = {}
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Loss on one batch; predictions (km) are kept for the epoch's metrics."""
+        head, loss = self._step(batch)
+        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch["target"].shape[0])
+        mean_km, cov_km2 = self._to_km(head)
+        parts = {"mean": mean_km, "cov": cov_km2, "true": batch["target"] * self.target_scaling.target_scale_km}
+        if "oracle_mean" in batch and "oracle_cov" in batch:
+            parts.update(oracle_mean=batch["oracle_mean"], oracle_cov=batch["oracle_cov"])
+        for key, value in parts.items():
+            self._val.setdefault(key, []).append(value.detach().to(torch.float64))
+
+    def on_validation_epoch_end(self) -> None:
+        """Score the epoch's predictions in km and log the ``val/*`` metrics."""
+        if not self._val:
+            return
+        g = {k: self._gathered(torch.cat(v)) for k, v in self._val.items()}
+        report = localization_report(g["mean"], g["cov"], g["true"])
+        metrics = {f"val/{k}": float(getattr(report, k)) for k in (
+            "median_km", "p90_km", "rmse_km", "nll_km", "coverage_1sigma", "coverage_2sigma", "coverage_95",
+            "coverage_mad", "sharpness_km")}
+        if "oracle_mean" in g and len(g["oracle_mean"]) == len(g["true"]):
+            oracle = localization_report(g["oracle_mean"], g["oracle_cov"], g["true"])
+            metrics["val/oracle_median_km"] = oracle.median_km
+            metrics["val/oracle_ratio"] = report.ratio_to(oracle)
+        self.log_dict(metrics, sync_dist=False)
+        self._val = {}
+
+    def _gathered(self, t: torch.Tensor) -> np.ndarray:
+        """Concatenate a tensor over processes (DDP); needs equal sizes, as DistributedSampler pads them."""
+        if self.trainer is not None and self.trainer.world_size > 1:
+            t = self.all_gather(t).flatten(0, 1)
+        return t.cpu().numpy()
+
+    # -- optimisation ----------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW (decay on kernels only) and a per-step schedule from :class:`OptimizerConfig`."""
+        oc = self.optimizer_config
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() > 1]
+        rest = [p for p in self.model.parameters() if p.requires_grad and p.dim() <= 1]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": oc.weight_decay},
+                                 {"params": rest, "weight_decay": 0.0}], lr=oc.lr)
+        steps_per_epoch = self._steps_per_epoch()
+        if oc.schedule == "onecycle":
+            sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.OneCycleLR(
+                opt, max_lr=oc.lr, total_steps=max(int(steps_per_epoch * oc.max_epochs), 2),
+                pct_start=min(max(oc.warmup / oc.max_epochs, 0.01), 0.99))
+        else:
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda step: _lr_factor(oc.schedule, step / steps_per_epoch, oc.warmup, oc.max_epochs))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _steps_per_epoch(self) -> float:
+        trainer = self.trainer
+        total = float(trainer.estimated_stepping_batches)
+        epochs = trainer.max_epochs
+        if not (math.isfinite(total) and epochs and epochs > 0):
+            raise ConfigError("Trainer", [
+                f"the lr schedule needs a finite Trainer(max_epochs=...), got max_epochs={epochs}; "
+                f"use Trainer(max_epochs=optimizer_config.max_epochs={self.optimizer_config.max_epochs})"
+            ])
+        return max(total / epochs, 1.0)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip by the Trainer's setting if it has one, else by ``optimizer_config.grad_clip``."""
+        if gradient_clip_val is None and self.optimizer_config.grad_clip > 0:
+            gradient_clip_val, gradient_clip_algorithm = self.optimizer_config.grad_clip, "norm"
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
