@@ -18,7 +18,9 @@ from heimdall.module import LocalizationModule
 from heimdall.oracle import centre_baseline
 from heimdall.scene import GeneratorConfig
 
-__all__ = ["predict", "evaluate_split"]
+__all__ = ["MIN_CALIBRATION", "predict", "evaluate_split"]
+
+MIN_CALIBRATION = 20  # validation recordings needed to fit the covariance scale
 
 
 @torch.no_grad()
@@ -41,7 +43,7 @@ def _truth_km(module: LocalizationModule, ds: HeimdallDataset) -> np.ndarray:
 def evaluate_split(
     module: LocalizationModule, splits: dict[str, HeimdallDataset], *, generator_config: dict | None = None
 ) -> dict[str, Any]:
-    """Calibrate on ``val``, report on ``test``.
+    """Calibrate on ``val`` (sets ``module``'s covariance scale), report on ``test``.
 
     Args:
         module: the trained module.
@@ -54,9 +56,12 @@ def evaluate_split(
         ``oracle``/``centre`` report dicts, ``oracle_ratio``, and ``table`` (text).
     """
     val, test = splits["val"], splits["test"]
+    module.calibrate(1.0)
     v_mean, v_cov = predict(module, val)
-    scale = fit_covariance_scale(v_mean, v_cov, _truth_km(module, val))
+    # Too few validation recordings to calibrate on: keep the raw ellipses (and say so).
+    scale = fit_covariance_scale(v_mean, v_cov, _truth_km(module, val)) if len(val) >= MIN_CALIBRATION else 1.0
     t_mean, t_cov = predict(module, test)
+    module.calibrate(scale)
     truth = _truth_km(module, test)
     rows: dict[str, LocalizationReport] = {
         "model": localization_report(t_mean, t_cov * scale, truth),
@@ -72,5 +77,7 @@ def evaluate_split(
     out["test_coverage_profile"] = coverage_profile(t_mean, t_cov, truth, scale).tolist()
     if "oracle" in rows:
         out["oracle_ratio"] = rows["model"].ratio_to(rows["oracle"])
-    out["table"] = format_reports(rows) + f"\n(ellipse covariance scale fitted on {len(val)} validation recordings: {scale:.3f})"
+    note = (f"ellipse covariance scale fitted on {len(val)} validation recordings: {scale:.3f}" if len(val) >= MIN_CALIBRATION
+            else f"only {len(val)} validation recordings: ellipses left uncalibrated")
+    out["table"] = format_reports(rows) + f"\n({note})"
     return out

@@ -224,9 +224,11 @@ def validate_model_and_loss(model_config: Any, loss_config: LossConfig, optimize
     if loss_config.family == "full_nll" and head == "diag":
         p.append("loss family 'full_nll' needs model head 'full', got head 'diag'; set head='full' or family='gaussian_nll'")
     if loss_config.family == "gaussian_nll" and head == "full":
-        p.append("loss family 'gaussian_nll' would leave a full head's rho untrained; use family 'full_nll' or 'beta_nll', or head 'diag'")
+        p.append("loss family 'gaussian_nll' would leave a full head's rho untrained; "
+                 "use family 'full_nll' or 'beta_nll', or head 'diag'")
     if loss_config.beta > 0 and loss_config.family != "beta_nll":
-        p.append(f"beta={loss_config.beta} only acts in family 'beta_nll', got family {loss_config.family!r}; set beta=0 or family='beta_nll'")
+        p.append(f"beta={loss_config.beta} only acts in family 'beta_nll', got family {loss_config.family!r}; "
+                 "set beta=0 or family='beta_nll'")
     max_epochs = getattr(optimizer_config, "max_epochs", None)
     if max_epochs is not None and loss_config.mse_warmup_epochs >= max_epochs:
         p.append(f"mse_warmup_epochs ({loss_config.mse_warmup_epochs}) must be < max_epochs ({max_epochs}), "

@@ -553,7 +553,9 @@ class TargetScaling:
         return cls(**data)
 
 
-def local_to_geographic_torch(east_km: torch.Tensor, north_km: torch.Tensor, origin_lat: float, origin_lon: float) -> tuple[torch.Tensor, torch.Tensor]:
+def local_to_geographic_torch(
+    east_km: torch.Tensor, north_km: torch.Tensor, origin_lat: float, origin_lon: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthographic tangent plane -> (lat, lon) degrees, as ``LocalFrame.to_geographic``.
 
     With ``c = asin(rho)``, ``sin c = rho`` exactly, which removes the
@@ -581,14 +583,20 @@ class GeographicOutput(nn.Module):
         scaling: the target scaling used in training.
         sigma_floor, rho_limit: the loss's output parameterisation
             (:class:`heimdall.losses.LossConfig`); must match training.
+        covariance_scale: the ellipse calibration factor fitted on validation
+            (:mod:`heimdall.calibration`); sigmas are multiplied by its square root.
     """
 
-    def __init__(self, net: nn.Module, scaling: TargetScaling | None = None, sigma_floor: float = 0.01, rho_limit: float = 0.95) -> None:
+    def __init__(
+        self, net: nn.Module, scaling: TargetScaling | None = None, sigma_floor: float = 0.01, rho_limit: float = 0.95,
+        covariance_scale: float = 1.0,
+    ) -> None:
         super().__init__()
         self.net = net
         self.scaling = scaling or TargetScaling()
         self.sigma_floor = sigma_floor
         self.rho_limit = rho_limit
+        self.sigma_factor = math.sqrt(covariance_scale)
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -601,7 +609,8 @@ class GeographicOutput(nn.Module):
         mean, sigma, rho = decode_head(self.net(x, mask), self.sigma_floor, self.rho_limit)
         s = self.scaling
         lat, lon = local_to_geographic_torch(mean[:, 0] * s.target_scale_km, mean[:, 1] * s.target_scale_km, s.origin_lat, s.origin_lon)
-        cols = [lat, lon, sigma[:, 0] * (s.target_scale_km * 1000.0), sigma[:, 1] * (s.target_scale_km * 1000.0)]
+        to_m = s.target_scale_km * 1000.0 * self.sigma_factor
+        cols = [lat, lon, sigma[:, 0] * to_m, sigma[:, 1] * to_m]
         if rho is not None:
             cols.append(rho)
         return torch.stack(cols, dim=1)

@@ -97,9 +97,11 @@ def run(args: argparse.Namespace) -> dict:
     train_s = time.perf_counter() - start
     best = LocalizationModule.from_checkpoint(ckpt.best_model_path or ckpt.last_model_path)
     report = evaluate_split(best, splits, generator_config=info.config if info.kind == "synthetic" else None)
-    report.update(arch=args.arch, dataset=args.dataset, recordings=info.n_recordings, train_seconds=round(train_s, 1),
-                  epochs_run=trainer.current_epoch, checkpoint=str(ckpt.best_model_path), seed=args.seed)
     out.mkdir(parents=True, exist_ok=True)
+    calibrated = out / "calibrated.ckpt"
+    torch.save({"hyper_parameters": dict(best.hparams), "state_dict": best.state_dict()}, calibrated)
+    report.update(arch=args.arch, dataset=args.dataset, recordings=info.n_recordings, train_seconds=round(train_s, 1),
+                  epochs_run=trainer.current_epoch, checkpoint=str(calibrated), seed=args.seed)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
     print(report["table"])
     print(f"trained {trainer.current_epoch} epochs in {train_s / 60:.1f} min; report: {out / 'report.json'}")

@@ -1,0 +1,31 @@
+"""`python -m tuning.train`: the plain (non-Ray) reference training command."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from heimdall.module import LocalizationModule
+from tuning.data import main as data_main
+from tuning.train import main as train_main
+
+
+def test_train_reports_model_oracle_and_centre(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["--data-dir", str(tmp_path)]
+    assert data_main(["generate", "--dataset", "tiny", "--recordings", "120", "--shard-size", "60", *common]) == 0
+    out = tmp_path / "run"
+    assert train_main(["--dataset", "tiny", "--epochs", "2", "--batch-size", "32", "--threads", "1",
+                       "--out", str(out), *common]) == 0
+    report = json.loads((out / "report.json").read_text())
+    for row in ("model", "oracle", "centre"):
+        assert report[row]["n"] == report["model"]["n"] > 0
+    assert report["oracle_ratio"] == pytest.approx(report["model"]["median_km"] / report["oracle"]["median_km"])
+    assert "oracle" in capsys.readouterr().out
+    module = LocalizationModule.from_checkpoint(report["checkpoint"])
+    assert float(module.covariance_scale) == pytest.approx(report["covariance_scale"])
+
+
+def test_unknown_dataset_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert train_main(["--dataset", "nope", "--data-dir", str(tmp_path)]) == 1
+    assert "nope" in capsys.readouterr().err
