@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import log_ndtr
 
+from heimdall.calibration import CALIBRATION_LEVELS_M2
 from heimdall.errors import HeimdallError, collect_problems
 from heimdall.geometry import default_frame
 from heimdall.receivers import STATIONS
@@ -244,7 +245,8 @@ class BayesOracle:
         at 2σ. ``ellipse="calibrated"`` keeps the mean and the ellipse's shape but
         scales the covariance per recording so that the posterior's own mass inside
         the 1σ, 2σ and 95% ellipses is as close as possible to 39.3/86.5/95% (least
-        squares over m² = 1, 2, 3, 4, 5.99): since the posterior is exact, the coverage
+        squares over the 1σ and 2σ ellipses, m² = 1 and 4, as
+        :mod:`heimdall.calibration` does for models): since the posterior is exact, the coverage
         of those ellipses over many recordings then matches their posterior mass.
 
         Args:
@@ -439,16 +441,15 @@ class BayesOracle:
         return mean, cov
 
 
-# m² levels whose posterior mass is matched: 1σ, 2σ, 95% and two between them, so the
-# whole radial profile up to 95% counts, not three points of it.
-_LEVELS_M2 = np.array([1.0, 2.0, 3.0, 4.0, 5.991464547107979])
+# The same levels as the models' calibration (heimdall.calibration): 1σ and 2σ.
+_LEVELS_M2 = CALIBRATION_LEVELS_M2
 _NOMINAL = 1.0 - np.exp(-_LEVELS_M2 / 2.0)
 _SCALES = np.exp(np.linspace(np.log(0.25), np.log(4.0), 97))
 
 
 def coverage_matched_scale(w: np.ndarray, grid: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
     """Per-recording factor c so that the posterior mass inside the ellipses of
-    ``c * cov`` at m² = 1, 2, 3, 4, 5.99 is closest (least squares) to their nominal
+    ``c * cov`` at m² = 1 and 4 (1σ, 2σ) is closest (least squares) to their nominal
     chi²(2) levels. ``w`` (n, K) are grid weights, ``grid`` (K, 2) the cells."""
     d = grid[None, :, :] - mean[:, None, :]
     inv = np.linalg.inv(cov)

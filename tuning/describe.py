@@ -73,7 +73,7 @@ def describe_dataset(catalog: Catalog, name: str, *, max_oracle: int = 2000) -> 
               format_reports(rows),
               f"nominal coverage: 1σ 0.393, 2σ 0.865, 95% 0.950; binomial std of 1σ coverage on the 'all' rows "
               f"±{np.sqrt(0.393 * 0.607 / max(len(every), 1)):.3f}. 'oracle' draws the exact posterior's mean with "
-              f"an ellipse scaled to hold the posterior's own 1σ/2σ/95% mass; 'oracle moments' uses its raw "
+              f"an ellipse scaled so the posterior's own mass in its 1σ/2σ ellipses is closest to nominal; 'oracle moments' uses its raw "
               f"covariance, which over-covers at 1σ because the posterior has long tails."]
     return "\n".join(lines)
 

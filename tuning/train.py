@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of weights and shuffling")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads [all cores]")
     p.add_argument("--out", type=Path, default=None, help="output directory [{data-dir}/train/{arch}-{dataset}]")
+    p.add_argument("--evaluate", type=Path, default=None, metavar="CKPT",
+                   help="skip training: recalibrate and evaluate this checkpoint on the dataset's val/test splits")
     add_data_args(p)
     return p
 
@@ -72,7 +74,6 @@ def run(args: argparse.Namespace) -> dict:
     from heimdall.data import HeimdallDataModule, load_feature_splits
     from heimdall.models import build_model
     from heimdall.module import LocalizationModule
-    from heimdall.evaluation import evaluate_split
 
     settings = data_settings(args)
     out = args.out or settings.data_dir / "train" / f"{args.arch}-{args.dataset}"
@@ -85,6 +86,8 @@ def run(args: argparse.Namespace) -> dict:
         with tqdm(total=info.n_recordings, unit="rec", desc="features") as bar:
             splits = load_feature_splits(catalog, settings.open_store(), args.dataset, progress=bar.update)
     print(f"splits: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+    if args.evaluate:
+        return _report(LocalizationModule.from_checkpoint(args.evaluate), splits, info, out, args, 0.0, 0)
     module = LocalizationModule(build_model(args.arch, model_config), loss, opt)
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", monitor="val/nll_km", mode="min", save_last=True)
     trainer = pl.Trainer(
@@ -96,15 +99,24 @@ def run(args: argparse.Namespace) -> dict:
     trainer.fit(module, datamodule=HeimdallDataModule(splits, opt.batch_size, args.seed))
     train_s = time.perf_counter() - start
     best = LocalizationModule.from_checkpoint(ckpt.best_model_path or ckpt.last_model_path)
-    report = evaluate_split(best, splits, generator_config=info.config if info.kind == "synthetic" else None)
+    return _report(best, splits, info, out, args, train_s, trainer.current_epoch)
+
+
+def _report(module, splits, info, out: Path, args: argparse.Namespace, train_s: float, epochs: int) -> dict:
+    """Calibrate on val, score on test, save the calibrated checkpoint and report.json."""
+    import torch
+
+    from heimdall.evaluation import evaluate_split
+
+    report = evaluate_split(module, splits, generator_config=info.config if info.kind == "synthetic" else None)
     out.mkdir(parents=True, exist_ok=True)
     calibrated = out / "calibrated.ckpt"
-    torch.save({"hyper_parameters": dict(best.hparams), "state_dict": best.state_dict()}, calibrated)
-    report.update(arch=args.arch, dataset=args.dataset, recordings=info.n_recordings, train_seconds=round(train_s, 1),
-                  epochs_run=trainer.current_epoch, checkpoint=str(calibrated), seed=args.seed)
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, calibrated)
+    report.update(arch=module.hparams["arch"], dataset=info.name, recordings=info.n_recordings,
+                  train_seconds=round(train_s, 1), epochs_run=epochs, checkpoint=str(calibrated), seed=args.seed)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
     print(report["table"])
-    print(f"trained {trainer.current_epoch} epochs in {train_s / 60:.1f} min; report: {out / 'report.json'}")
+    print(f"trained {epochs} epochs in {train_s / 60:.1f} min; report: {out / 'report.json'}")
     return report
 
 
