@@ -244,8 +244,8 @@ class BayesOracle:
         of truths fall inside the 1σ ellipse instead of 39.3%) and is nearly right
         at 2σ. ``ellipse="calibrated"`` keeps the mean and the ellipse's shape but
         scales the covariance per recording so that the posterior's own mass inside
-        the 1σ, 2σ and 95% ellipses is as close as possible to 39.3/86.5/95% (least
-        squares over the 1σ and 2σ ellipses, m² = 1 and 4, as
+        the 1σ and 2σ ellipses is as close as possible to 39.3/86.5% (least
+        squares at m² = 1 and 4, as
         :mod:`heimdall.calibration` does for models): since the posterior is exact, the coverage
         of those ellipses over many recordings then matches their posterior mass.
 
