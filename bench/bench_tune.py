@@ -1,0 +1,287 @@
+"""Benchmarks of the tuning machinery.
+
+(a) ``overhead``: per-trial fixed overhead of a real study (trial actor,
+TorchTrainer controller, Train worker group, dataset split, teardown) against
+the trial's wall time. It runs ``tuning.run`` itself (local Ray, one trial at a
+time) and times every trial from the driver: overhead = (first epoch reported
+- trial start - one epoch) + (trial end - last epoch reported), with one
+epoch = the median gap between later epochs. It also extrapolates the ratio
+to the default study's trial (6400 training recordings, 8 epochs).
+
+(b) ``search``: TPE + ASHA against random search without early stopping, on
+the same compute budget (epochs), over several seeds: the fraction of the
+random search's compute that TPE + ASHA needs to match random search's best
+objective. To be affordable on 2 cores it trains in this process with
+Optuna's own ASHA (``SuccessiveHalvingPruner``, same grace period and
+reduction factor as the study's ``ASHAScheduler``) instead of one Ray Train
+run per trial; stopped trials are told to Optuna as COMPLETE with their last
+value, as ``OptunaSearch`` does. Caveats: a small dataset and few epochs make
+the objective noisy, so differences between seeds are large.
+
+Commands::
+
+    python bench/bench_tune.py overhead --recordings 2000 --epochs 3 --trials 2
+    python bench/bench_tune.py search --recordings 600 --epochs 4 --trials 8 --seeds 0 1 2
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import optuna
+import ray
+import torch
+from ray import tune
+
+from heimdall.datasets import generate_dataset
+from heimdall.errors import NotFoundError
+from heimdall.models import build_model
+from heimdall.module import LocalizationModule
+from heimdall.store import open_store
+from tuning.pipeline import FeatureCache, ensure_feature_cache, trial_datasets, worker_batches
+from tuning.run import main as run_main
+from tuning.settings import DataSettings
+from tuning.spaces import load_space, to_optuna
+from tuning.trainer import OBJECTIVES, TrialSpec
+from tuning.tune import StudyConfig
+
+DEFAULT_TRAIN_ROWS = round(StudyConfig(name="x").dataset_recordings * 0.8)
+DEFAULT_EPOCHS = StudyConfig(name="x").max_epochs
+
+
+# -- (a) per-trial overhead ----------------------------------------------------------------------
+
+
+class TrialTiming(tune.Callback):
+    """Driver-side timestamps of each trial's start, reports and end."""
+
+    def __init__(self) -> None:
+        self.start: dict[str, float] = {}
+        self.results: dict[str, list[float]] = {}
+        self.end: dict[str, float] = {}
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.start[trial.trial_id] = time.time()
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self.results.setdefault(trial.trial_id, []).append(time.time())
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.end[trial.trial_id] = time.time()
+
+
+def overhead(args: argparse.Namespace) -> None:
+    """Run a small real study and split each trial's wall time into overhead and epochs."""
+    timing = TrialTiming()
+    name = f"bench-overhead-{time.strftime('%Y%m%d-%H%M%S')}"
+    argv = ["--space", args.space, "--dataset", f"bench-{args.recordings}", "--recordings", str(args.recordings),
+            "--trials", str(args.trials), "--max-epochs", str(args.epochs), "--time-budget", "none",
+            "--data-dir", str(args.data_dir), "--name", name]
+    code = run_main(argv, callbacks=[timing])
+    if code != 0:
+        sys.exit(f"the study failed (exit {code})")
+    rows = []
+    order = sorted(timing.start, key=timing.start.get)
+    for prev, trial_id in zip([None, *order], order):
+        reports = timing.results.get(trial_id, [])
+        if len(reports) < 2 or trial_id not in timing.end:
+            continue  # stopped before a second epoch: no clean epoch time
+        epoch = statistics.median(np.diff(reports))
+        # From the previous trial's end: Tune creates this trial's actor only then (one trial at a time).
+        gap = timing.start[trial_id] - timing.end[prev] if prev in timing.end else float("nan")
+        startup = reports[0] - timing.start[trial_id] - epoch
+        teardown = timing.end[trial_id] - reports[-1]
+        rows.append((trial_id, len(reports), epoch, gap, startup, teardown, timing.end[trial_id] - timing.start[trial_id]))
+    print(f"\n(a) per-trial fixed overhead  [python bench/bench_tune.py overhead {' '.join(sys.argv[2:])}]")
+    print(f"{'trial':>10} {'epochs':>6} {'epoch s':>8} {'gap s':>6} {'startup s':>9} {'teardown s':>10} {'wall s':>7}")
+    for trial_id, n, epoch, gap, startup, teardown, wall in rows:
+        print(f"{trial_id:>10} {n:6d} {epoch:8.1f} {gap:6.1f} {startup:9.1f} {teardown:10.1f} {wall:7.1f}")
+    if not rows:
+        sys.exit("no trial ran two epochs; use --epochs >= 2")
+    gaps = [r[3] for r in rows if math.isfinite(r[3])]
+    fixed = statistics.median(r[4] + r[5] for r in rows) + (statistics.median(gaps) if gaps else 0.0)
+    epoch = statistics.median(r[2] for r in rows)
+    train_rows = args.recordings * 0.8
+    trial = args.epochs * epoch
+    default_trial = DEFAULT_EPOCHS * epoch * DEFAULT_TRAIN_ROWS / train_rows
+    print(f"median fixed overhead {fixed:.1f} s per trial (gap before start + startup + teardown); "
+          f"median epoch {epoch:.1f} s on ~{train_rows:.0f} training recordings")
+    print(f"this trial ({args.epochs} epochs): overhead / wall = {fixed:.1f} / {fixed + trial:.1f} s = "
+          f"{fixed / (fixed + trial):.1%}")
+    print(f"extrapolated default trial ({DEFAULT_TRAIN_ROWS} training recordings x {DEFAULT_EPOCHS} epochs, "
+          f"~{default_trial:.0f} s of epochs): {fixed / (fixed + default_trial):.1%}; one that ASHA stops after "
+          f"1 epoch: {fixed / (fixed + default_trial / DEFAULT_EPOCHS):.1%}")
+
+
+# -- (b) TPE + ASHA against random search ----------------------------------------------------------
+
+
+def _ensure_data(args: argparse.Namespace) -> tuple[FeatureCache, dict[str, dict[str, torch.Tensor]]]:
+    """The bench dataset's cached features, loaded into memory (Ray only builds the cache)."""
+    settings = DataSettings(args.data_dir, f"sqlite:///{args.data_dir / 'catalog.db'}", str(args.data_dir / "store"))
+    catalog, store = settings.open_catalog(), open_store(settings.store_url)
+    catalog.initialize()
+    name = f"bench-{args.recordings}"
+    try:
+        catalog.get_dataset(name)
+    except NotFoundError:
+        generate_dataset(catalog, store, name, n_recordings=args.recordings, seed=0)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=512 << 20)
+    try:
+        cache = ensure_feature_cache(catalog, store, name)
+        splits = {s: next(worker_batches(ds, 1 << 30, shuffle=False, seed=0))
+                  for s, ds in trial_datasets(cache, store).items()}
+    finally:
+        ray.shutdown()
+    return cache, splits
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors["target"])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.tensors.items()}
+
+
+class _ReportAndStop(pl.Callback):
+    """Reports the objective to the Optuna trial each epoch and stops it when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial, metric: str, prune: bool) -> None:
+        self.trial, self.metric, self.prune = trial, metric, prune
+        self.values: list[float] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        value = float(trainer.callback_metrics.get(self.metric, float("nan")))
+        value = value if math.isfinite(value) else 1e9
+        self.values.append(value)
+        self.trial.report(value, len(self.values))
+        if self.prune and self.trial.should_prune():
+            trainer.should_stop = True
+
+
+@dataclass
+class SearchRun:
+    """One search: per trial, epochs trained, seconds and last value."""
+
+    method: str
+    seed: int
+    epochs: list[int] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+
+    def best(self) -> float:
+        return min(self.values)
+
+    def cost_to_reach(self, target: float) -> tuple[int | None, float | None]:
+        """Cumulative epochs and seconds when the best value first reaches ``target``."""
+        best, epochs, seconds = math.inf, 0, 0.0
+        for e, s, v in zip(self.epochs, self.seconds, self.values):
+            epochs, seconds, best = epochs + e, seconds + s, min(best, v)
+            if best <= target:
+                return epochs, seconds
+        return None, None
+
+
+def _train_one(trial: optuna.Trial, space: Any, cache: FeatureCache, data: dict, args: argparse.Namespace,
+               prune: bool) -> tuple[int, float, float]:
+    """Train one trial in this process; returns (epochs trained, seconds, last objective value)."""
+    spec = TrialSpec(space=space, objective=OBJECTIVES["nll"], max_epochs=args.epochs, seed=0, train_storage="unused")
+    to_optuna(space)(trial)
+    configs = spec.configs(trial.params)
+    pl.seed_everything(trial.number, verbose=False)
+    module = LocalizationModule(build_model(configs.arch, configs.model), configs.loss, configs.optimizer,
+                                cache.target_scaling, cache.feature_config)
+    report = _ReportAndStop(trial, OBJECTIVES["nll"].metric, prune)
+    trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=[report])
+    gen = torch.Generator().manual_seed(trial.number)
+    train = torch.utils.data.DataLoader(_Rows(data["train"]), batch_size=configs.optimizer.batch_size,
+                                        shuffle=True, generator=gen)
+    val = torch.utils.data.DataLoader(_Rows(data["val"]), batch_size=256)
+    started = time.monotonic()
+    trainer.fit(module, train, val)
+    return len(report.values), time.monotonic() - started, report.values[-1]
+
+
+def _search(method: str, seed: int, budget: int, space: Any, cache: FeatureCache, data: dict,
+            args: argparse.Namespace) -> SearchRun:
+    if method == "random":
+        sampler, pruner = optuna.samplers.RandomSampler(seed=seed), optuna.pruners.NopPruner()
+    else:
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=args.startup)
+        pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    study = optuna.create_study(sampler=sampler, pruner=pruner)
+    run = SearchRun(method, seed)
+    while sum(run.epochs) < budget:
+        trial = study.ask()
+        epochs, seconds, value = _train_one(trial, space, cache, data, args, prune=method != "random")
+        study.tell(trial, value)  # stopped trials count as COMPLETE with their last value, as in OptunaSearch
+        run.epochs.append(epochs), run.seconds.append(seconds), run.values.append(value)
+        print(f"  {method:9s} seed {seed} trial {trial.number:2d}: {epochs} epoch(s), nll {value:.3f}, "
+              f"{sum(run.epochs)}/{budget} epochs", flush=True)
+    return run
+
+
+def search(args: argparse.Namespace) -> None:
+    """TPE + ASHA against random search on the same epoch budget, for each seed."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    torch.set_num_threads(1)  # as a Train worker with one CPU
+    cache, data = _ensure_data(args)
+    space = load_space(args.space)
+    budget = args.trials * args.epochs
+    lines = []
+    for seed in args.seeds:
+        rnd = _search("random", seed, budget, space, cache, data, args)
+        tpe = _search("tpe+asha", seed, budget, space, cache, data, args)
+        epochs, seconds = tpe.cost_to_reach(rnd.best())
+        frac_e = f"{epochs / sum(rnd.epochs):.2f}" if epochs else "not reached"
+        frac_s = f"{seconds / sum(rnd.seconds):.2f}" if seconds else "not reached"
+        lines.append((seed, rnd.best(), len(rnd.values), tpe.best(), len(tpe.values), frac_e, frac_s, epochs))
+    print(f"\n(b) TPE+ASHA vs random search  [python bench/bench_tune.py search {' '.join(sys.argv[2:])}]")
+    print(f"budget {budget} epochs per search ({args.trials} random trials x {args.epochs} epochs), "
+          f"{args.recordings} recordings, objective val/nll_km")
+    print(f"{'seed':>4} {'random best':>11} {'trials':>6} {'tpe best':>9} {'trials':>6} "
+          f"{'epochs to match':>15} {'time to match':>13}")
+    for seed, rb, rn, tb, tn, fe, fs, _ in lines:
+        print(f"{seed:4d} {rb:11.3f} {rn:6d} {tb:9.3f} {tn:6d} {fe:>15} {fs:>13}")
+    reached = [float(l[5]) for l in lines if l[7]]
+    print(f"TPE+ASHA matched random search's best in {len(reached)}/{len(lines)} seeds; median fraction of "
+          f"random's compute (epochs) where matched: {statistics.median(reached) if reached else float('nan'):.2f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python bench/bench_tune.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="bench", required=True)
+    a = sub.add_parser("overhead", help="(a) per-trial fixed overhead of a real study")
+    a.add_argument("--recordings", type=int, default=2000)
+    a.add_argument("--epochs", type=int, default=3)
+    a.add_argument("--trials", type=int, default=2)
+    b = sub.add_parser("search", help="(b) TPE+ASHA vs random search on the same budget")
+    b.add_argument("--recordings", type=int, default=600)
+    b.add_argument("--epochs", type=int, default=4)
+    b.add_argument("--trials", type=int, default=8, help="random-search trials; the budget is trials x epochs")
+    b.add_argument("--startup", type=int, default=3, help="TPE's random startup trials")
+    b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    for p in (a, b):
+        p.add_argument("--space", default="resnet")
+        p.add_argument("--data-dir", type=Path, default=Path(".heimdall-bench").resolve())
+    return parser
+
+
+if __name__ == "__main__":
+    ns = build_parser().parse_args()
+    {"overhead": overhead, "search": search}[ns.bench](ns)

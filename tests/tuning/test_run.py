@@ -1,0 +1,297 @@
+"""``python -m tuning.run``: settings checked before any trial, and real studies end to end.
+
+The fast tests need no Ray. The default end-to-end test runs a tiny study (64
+recordings, 2 trials, 1 epoch) on the session's Ray with the catalogue and the
+Optuna study in PostgreSQL and the checkpoints in S3. The slow ones kill a
+driver (then ``--resume``) and a Train worker mid-study.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+
+from heimdall.store import S3Settings
+from heimdall.store.s3 import S3Store
+from tuning.run import main, parse_duration
+from tuning.trainer import COVERAGE_BAND, OBJECTIVES, calibrated_nll
+from tuning.tune import DATA_CPUS_PER_TRIAL, StudyConfig, open_optuna_storage, plan_resources
+
+MALFORMED_SPACE = """\
+arch: resnet
+parameters:
+  model.widht: {choice: [16, 32]}
+  optimizer.lr: {loguniform: [1.0e-2, 1.0e-4]}
+  loss.family: {gaussian: [1, 2]}
+"""
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tuning.run", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def _summary(data_dir: Path, name: str) -> dict:
+    return json.loads((data_dir / "studies" / name / "summary.json").read_text())
+
+
+# -- pure pieces --------------------------------------------------------------------------------
+
+
+def test_calibrated_objective_adds_a_penalty_only_outside_the_band() -> None:
+    nominal1, nominal2 = 1 - 0.6065306597, 1 - 0.1353352832
+    assert calibrated_nll(5.0, nominal1, nominal2) == pytest.approx(5.0)
+    assert calibrated_nll(5.0, nominal1 + COVERAGE_BAND * 0.9, nominal2 - COVERAGE_BAND * 0.9) == pytest.approx(5.0)
+    # 10 points under nominal on the 1-sigma ellipse: 5 points beyond the band.
+    assert calibrated_nll(5.0, nominal1 - 0.10, nominal2) == pytest.approx(5.0 + 20.0 * 0.05)
+    assert OBJECTIVES["calibrated"].metric == "val/calibrated_nll"
+
+
+def test_two_cores_run_one_trial_at_a_time_and_leave_cpus_for_data() -> None:
+    plan = plan_resources(2.0, workers_per_trial=1, cpus_per_worker=1.0, trials=12)
+    assert plan.max_concurrent == 1
+    assert plan.trial_cpus <= 2.0 and plan.data_cpus == DATA_CPUS_PER_TRIAL
+    assert plan_resources(16.0, 1, 1.0, trials=12).max_concurrent == 10
+    assert plan_resources(16.0, 1, 1.0, trials=3).max_concurrent == 3
+
+
+def test_durations_and_study_settings_are_validated() -> None:
+    assert parse_duration("90") == 90 and parse_duration("30m") == 1800 and parse_duration("2h") == 7200
+    assert parse_duration("none") is None
+    with pytest.raises(Exception, match="invalid study settings") as err:
+        StudyConfig(name="bad name", trials=0, grace_period=5, max_epochs=2, objective="loss")
+    assert len(err.value.problems) == 4
+
+
+# -- everything is checked before Ray or a trial starts -------------------------------------------
+
+
+def test_dry_run_of_a_malformed_space_lists_every_problem_without_starting_ray(tmp_path: Path) -> None:
+    space = tmp_path / "bad.yaml"
+    space.write_text(MALFORMED_SPACE)
+    ray_tmp = tmp_path / "ray-tmp"
+    done = _cli(["--space", str(space), "--dry-run", "--data-dir", str(tmp_path / "data")],
+                env={"RAY_TMPDIR": str(ray_tmp)}, timeout=240)
+    assert done.returncode == 1, done.stdout + done.stderr
+    err = done.stderr
+    assert err.startswith("error: invalid search space") and err.count("error:") == 1
+    for problem in ("model.widht", "optimizer.lr", "gaussian"):
+        assert problem in err, err
+    assert not ray_tmp.exists(), "Ray created its temp directory: it was started"
+    assert "dashboard" not in done.stdout
+
+
+def test_unknown_space_name_lists_the_valid_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--space", "resnett", "--dry-run", "--data-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "unknown search space 'resnett'" in err and "resnet" in err.split("valid names:")[1]
+
+
+@pytest.mark.parametrize("flag", ["--optuna-storage", "--catalog"])
+def test_unreachable_postgresql_is_one_clear_error_before_any_trial(
+    flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"postgresql://postgres@127.0.0.1:{_closed_port()}/heimdall"
+    started = time.monotonic()
+    code = main(["--smoke-test", flag, url, "--data-dir", str(tmp_path), "--name", "unreachable"])
+    out = capsys.readouterr()
+    assert code == 1
+    assert out.err.count("error:") == 1 and "127.0.0.1" in out.err, out.err
+    assert "ray:" not in out.out and "started" not in out.out  # failed before Ray and before any trial
+    assert time.monotonic() - started < 60
+
+
+def test_dry_run_prints_the_plan_and_the_space(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--space", "resnet", "--dry-run", "--data-dir", str(tmp_path), "--name", "plan"]) == 0
+    out = capsys.readouterr().out
+    for line in ("study      plan", "will generate 8000 recordings", "val/nll_km (min)", "trial(s) at a time",
+                 "dry run: everything checked"):
+        assert line in out, out
+
+
+# -- real studies ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def s3_env(s3_settings: S3Settings, s3_store: S3Store, monkeypatch: pytest.MonkeyPatch) -> S3Store:
+    """The S3 settings in the environment, where the CLI reads them; ``s3_store`` is a private, emptied prefix."""
+    monkeypatch.setenv("HEIMDALL_S3_ENDPOINT", s3_settings.url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_settings.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_settings.secret_key)
+    return s3_store
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+@pytest.mark.postgres
+def test_tiny_study_keeps_its_study_in_postgresql_and_checkpoints_in_s3(
+    ray_session: object, postgres_url: str, s3_env: S3Store, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = f"e2e-{uuid.uuid4().hex[:8]}"
+    base = f"s3://{s3_env.bucket}/{s3_env.prefix}"
+    code = main([
+        "--smoke-test", "--recordings", "64", "--dataset", name, "--name", name, "--data-dir", str(tmp_path),
+        "--catalog", postgres_url, "--store", f"{base}/store", "--optuna-storage", postgres_url,
+        "--storage-path", f"{base}/runs",
+    ])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+
+    study = optuna.load_study(study_name=name, storage=open_optuna_storage(postgres_url))
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert all(t.value is not None for t in study.trials)
+
+    keys = s3_env.list("runs/")
+    assert any(k.startswith(f"runs/{name}/train-runs/") and k.endswith("checkpoint.ckpt") for k in keys), keys
+    assert f"runs/{name}/tuner.pkl" in keys
+
+    summary = _summary(tmp_path, name)
+    assert summary["tune_trials"] == 2 and summary["optuna_trials"] == {"COMPLETE": 2}
+    assert summary["best"]["value"] == pytest.approx(study.best_value)
+    assert summary["best"]["checkpoint_path"].startswith(f"{s3_env.bucket}/{s3_env.prefix}/runs/{name}/train-runs/")
+    for plot in summary["plots"].values():
+        assert plot.endswith(".png") and Path(plot).stat().st_size > 0
+    assert "best trials by val/nll_km" in out and "centre" in out
+
+
+def _count_states(study: optuna.Study) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in study.trials:
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    return counts
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_resume_after_the_driver_is_killed_neither_loses_nor_reruns_trials(tmp_path: Path) -> None:
+    name, storage = "resume", f"sqlite:///{tmp_path / 'optuna.db'}"
+    args = ["--recordings", "64", "--dataset", "tiny", "--trials", "3", "--max-epochs", "2", "--time-budget", "none",
+            "--data-dir", str(tmp_path), "--optuna-storage", storage]
+    driver = subprocess.Popen([sys.executable, "-m", "tuning.run", *args, "--name", name],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    killed_at = _kill_group_after_first_complete_trial(driver, storage, name, timeout=900)
+
+    done = _cli([*args, "--resume", "--name", name], timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = _summary(tmp_path, name)
+    study = optuna.load_study(study_name=name, storage=storage)
+    finished = [t for t in study.trials if t.state != optuna.trial.TrialState.FAIL]
+    assert summary["tune_trials"] == len(finished) == 3
+    assert sorted(summary["optuna_orphans_failed"]) == sorted(
+        t.number for t in study.trials if t.state == optuna.trial.TrialState.FAIL)
+    first = min((t for t in study.trials if t.datetime_complete and t.datetime_complete.timestamp() < killed_at),
+                key=lambda t: t.number)
+    # Not rerun: its Tune trial reported each epoch once, all before the kill.
+    result = next((tmp_path / "runs" / name).glob(f"trial-{first.number:04d}-*/result.json"))
+    epochs = [json.loads(line)["epochs"] for line in result.read_text().splitlines()]
+    assert epochs == sorted(set(epochs)) and len(epochs) <= 2
+
+
+def _kill_group_after_first_complete_trial(driver: subprocess.Popen, storage: str, name: str, timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            assert driver.poll() is None, f"the driver exited before the kill: {driver.stdout.read()[-3000:]}"
+            try:
+                study = optuna.load_study(study_name=name, storage=storage)
+                if _count_states(study).get("COMPLETE", 0) >= 1:
+                    break
+            except KeyError:
+                pass  # the study is created once the dataset and feature cache are ready
+            time.sleep(2)
+        else:
+            pytest.fail("no trial completed in time")
+        killed_at = time.time()
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started: a crashed machine
+        driver.wait(timeout=60)
+        return killed_at
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """``{pid: command line}`` of every process below ``root`` (Linux ``/proc``)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = {}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in found:
+                try:
+                    found[pid] = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                except OSError:
+                    continue
+                frontier.append(pid)
+    return found
+
+
+class _WorkerKiller(threading.Thread):
+    """SIGKILLs this process's Ray Train worker once the trial has a checkpoint; records worker pids.
+
+    Only descendants of this process are considered: the session's Ray was
+    started here, other people's Ray clusters on the machine were not.
+    """
+
+    def __init__(self, train_runs: Path) -> None:
+        super().__init__(daemon=True)
+        self.train_runs = train_runs
+        self.killed: int | None = None
+        self.seen: set[int] = set()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            workers = sorted(pid for pid, cmd in _descendants(os.getpid()).items() if "RayTrainWorker" in cmd)
+            self.seen.update(workers)
+            if self.killed is None and workers and list(self.train_runs.glob("*/checkpoint_*")):
+                self.killed = workers[0]
+                os.kill(workers[0], signal.SIGKILL)
+            time.sleep(0.3)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_killed_train_worker_restarts_from_its_checkpoint_and_the_study_completes(
+    ray_session: object, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = "worker-kill"
+    killer = _WorkerKiller(tmp_path / "runs" / name / "train-runs")
+    killer.start()
+    try:
+        code = main(["--recordings", "64", "--dataset", "tiny", "--trials", "1", "--max-epochs", "4",
+                     "--time-budget", "none", "--data-dir", str(tmp_path), "--name", name])
+    finally:
+        killer.stop.set()
+        killer.join()
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    assert killer.killed is not None, "the worker finished before it could be killed"
+    assert len(killer.seen - {killer.killed}) >= 1, "no new Train worker started after the kill"
+    result = next((tmp_path / "runs" / name).glob("trial-0000-*/result.json"))
+    epochs = [json.loads(line)["epochs"] for line in result.read_text().splitlines()]
+    # Resumed from its checkpoint: every epoch reported once, in order; a restart from scratch repeats epoch 1.
+    assert epochs == [1, 2, 3, 4], epochs
+    assert _summary(tmp_path, name)["tune_status"] == {"complete": 1, "stopped": 0, "error": 0}

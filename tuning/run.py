@@ -1,0 +1,555 @@
+"""Tune the localization network: ``python -m tuning.run --space resnet``.
+
+On a fresh machine with no services this starts a local Ray (with its
+dashboard), generates the default dataset on first use, builds its feature
+cache, runs a TPE + ASHA study with one line per epoch, then prints the best
+trials and writes ``summary.json`` and Optuna's plots to the study's output
+directory. Every setting has a default in :class:`tuning.tune.StudyConfig`.
+
+Commands to copy::
+
+    python -m tuning.run --space resnet                      # the default study (~30 min on 2 cores)
+    python -m tuning.run --space resnet --dry-run            # validate everything, print the plan, exit
+    python -m tuning.run --smoke-test                        # tiny: 128 recordings, 2 trials, 1 epoch
+    python -m tuning.run --space setnet --trials 20 --max-epochs 10 --time-budget 2h --objective calibrated
+    python -m tuning.run --resume                            # continue the last study after a crash
+    python -m tuning.run --resume --name resnet-nll-20260101-120000
+
+    # against the real services (``python -m tuning.services up`` starts them locally)
+    source .heimdall/services/env.sh
+    python -m tuning.run --space resnet \\
+        --catalog postgresql://postgres@127.0.0.1:5432/heimdall --store s3://heimdall-raw-iq \\
+        --optuna-storage postgresql://postgres@127.0.0.1:5432/heimdall \\
+        --storage-path s3://heimdall-runs --ray-address 10.0.0.5:6379
+
+Connections (flag, then environment variable, then default):
+
+=====================  ============================  ============================================
+flag                   environment variable          default
+=====================  ============================  ============================================
+``--data-dir``         ``HEIMDALL_DATA_DIR``         ``./.heimdall``
+``--catalog``          ``HEIMDALL_CATALOG``          ``sqlite:///{data-dir}/catalog.db``
+``--store``            ``HEIMDALL_STORE``            ``{data-dir}/store``
+``--optuna-storage``   ``HEIMDALL_OPTUNA_STORAGE``   ``sqlite:///{data-dir}/optuna.db``
+``--storage-path``     ``HEIMDALL_STORAGE_PATH``     ``{data-dir}/runs`` (Tune state + checkpoints)
+``--output-dir``       ``HEIMDALL_OUTPUT_DIR``       ``{data-dir}/studies`` (summary, plots)
+``--mlflow-uri``       ``MLFLOW_TRACKING_URI``       none (recorded for the export stage)
+``--ray-address``      ``RAY_ADDRESS``               a new local Ray
+(S3 endpoint, keys)    ``HEIMDALL_S3_ENDPOINT``,     needed for ``s3://`` store or storage path;
+                       ``AWS_ACCESS_KEY_ID``,        keys are read from the environment only
+                       ``AWS_SECRET_ACCESS_KEY``     and never printed
+=====================  ============================  ============================================
+
+Give PostgreSQL passwords through ``PGPASSWORD``, not in URLs: the Optuna
+URL is saved with the experiment state. Exit status: 0 done, 1 a Heimdall
+error (printed as one ``error: ...`` line, before any trial when it concerns
+settings or services), 2 a usage error, 130 interrupted (resume with
+``--resume``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import ray
+from ray import tune
+from ray.data import DataContext
+from tqdm import tqdm
+
+from heimdall.catalog import Catalog, DatasetInfo
+from heimdall.datasets import VAL, SplitConfig, generate_dataset, split_assignment
+from heimdall.errors import DataError, HeimdallError, NotFoundError, collect_problems
+from heimdall.scene import GeneratorConfig
+from heimdall.store import BlobStore
+from tuning.describe import baseline_reports
+from tuning.pipeline import ensure_feature_cache, trial_datasets
+from tuning.report import format_table, save_plots, study_counts, trial_rows, write_summary
+from tuning.settings import DataSettings, add_data_args, data_settings
+from tuning.spaces import SearchSpace, load_space, space_summary
+from tuning.trainer import OBJECTIVES, TrialSpec
+from tuning.tune import (
+    SMOKE_TEST,
+    ResourcePlan,
+    RunStorage,
+    StudyConfig,
+    StudyProgress,
+    build_tuner,
+    check_new_study,
+    check_resumable,
+    describe_url,
+    make_searcher,
+    make_trainable,
+    open_optuna_storage,
+    open_run_storage,
+    plan_resources,
+    reconcile_optuna,
+    restore_tuner,
+)
+
+__all__ = ["build_parser", "main", "parse_duration", "study_config", "Connections", "connect", "run_study"]
+
+OBJECT_STORE_BYTES = 1024**3  # plenty for feature batches; Ray's default takes 30% of RAM
+LATEST = "LATEST"  # file in the output root naming the last study started
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def parse_duration(text: str) -> float | None:
+    """``"90"``/``"90s"`` seconds, ``"30m"`` minutes, ``"2h"`` hours; ``"none"`` for no limit.
+
+    Raises:
+        argparse.ArgumentTypeError: anything else (argparse turns it into a usage error).
+    """
+    if text.strip().lower() in ("none", "0", "off"):
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text.lower())
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a duration like 90s, 30m or 2h (or 'none'), got {text!r}")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``tuning.run`` argument parser (study flags default to None: StudyConfig holds the defaults)."""
+    parser = argparse.ArgumentParser(prog="python -m tuning.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = StudyConfig  # every default's one home; the help only quotes it
+    s = parser.add_argument_group("the study (defaults: tuning.tune.StudyConfig)")
+    s.add_argument("--space", help=f"search space: a name in search_spaces/ or a path to a .yaml [{d.space}]")
+    s.add_argument("--dataset", help=f"dataset name; generated on first use if absent [{d.dataset}]")
+    s.add_argument("--recordings", type=_positive_int,
+                   help=f"size of a dataset generated on first use [{d.dataset_recordings}, ~0.23 MB each]")
+    s.add_argument("--trials", type=_positive_int, help=f"number of trials [{d.trials}]")
+    s.add_argument("--max-epochs", type=_positive_int, help=f"epochs of a trial ASHA does not stop [{d.max_epochs}]")
+    s.add_argument("--time-budget", type=parse_duration, default=argparse.SUPPRESS,
+                   help=f"stop the study after this long: 90s, 30m, 2h or none [{d.time_budget_s / 60:g}m]")
+    s.add_argument("--seed", type=int, help=f"sampler seed; trial n uses seed + n [{d.seed}]")
+    s.add_argument("--objective", choices=sorted(OBJECTIVES),
+                   help="; ".join(f"{o.name}: {o.description}" for o in OBJECTIVES.values()))
+    s.add_argument("--workers-per-trial", type=_positive_int,
+                   help=f"Train workers (DDP processes) per trial [{d.workers_per_trial}]")
+    s.add_argument("--cpus-per-worker", type=_positive_float, help=f"CPUs per Train worker [{d.cpus_per_worker:g}]")
+    s.add_argument("--name", help="study name (Optuna study, Tune experiment, output folder) [space-objective-time]")
+    m = parser.add_argument_group("mode")
+    m.add_argument("--dry-run", action="store_true",
+                   help="validate the space, settings and connections, print the plan and exit (no Ray, no trial)")
+    m.add_argument("--smoke-test", action="store_true",
+                   help="tiny study: " + ", ".join(f"{k}={v}" for k, v in SMOKE_TEST.items()))
+    m.add_argument("--resume", action="store_true", help="continue the last study (or --name) after a crash")
+    m.add_argument("--verbose", action="store_true", help="show Ray's and the workers' logs")
+    add_data_args(parser)
+    c = parser.add_argument_group("services (flags override environment variables)")
+    c.add_argument("--optuna-storage", help="Optuna study database: postgresql://... or sqlite:///... "
+                                            "[HEIMDALL_OPTUNA_STORAGE, sqlite in the data dir]")
+    c.add_argument("--storage-path", help="Tune state and checkpoints: a directory or s3://bucket/prefix "
+                                          "[HEIMDALL_STORAGE_PATH, {data-dir}/runs]")
+    c.add_argument("--output-dir", type=Path, help="summary and plots go to OUTPUT_DIR/NAME "
+                                                   "[HEIMDALL_OUTPUT_DIR, {data-dir}/studies]")
+    c.add_argument("--mlflow-uri", help="MLflow tracking URI, recorded for the export stage [MLFLOW_TRACKING_URI]")
+    c.add_argument("--ray-address", help="join this Ray cluster instead of starting one [RAY_ADDRESS]")
+    return parser
+
+
+_STUDY_FLAGS = {  # flag attribute -> StudyConfig field
+    "space": "space", "dataset": "dataset", "recordings": "dataset_recordings", "trials": "trials",
+    "max_epochs": "max_epochs", "seed": "seed", "objective": "objective",
+    "workers_per_trial": "workers_per_trial", "cpus_per_worker": "cpus_per_worker",
+}
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """StudyConfig fields set explicitly on the command line."""
+    given = {field: getattr(args, flag) for flag, field in _STUDY_FLAGS.items() if getattr(args, flag, None) is not None}
+    if hasattr(args, "time_budget"):  # suppressed unless given, since None means "no limit"
+        given["time_budget_s"] = args.time_budget
+    return given
+
+
+# -- settings -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Locations:
+    """Where the study's services and files are (URLs carry no secrets)."""
+
+    data: DataSettings
+    optuna_url: str
+    storage_url: str
+    output_root: Path
+    mlflow_uri: str | None
+    ray_address: str | None
+
+
+def locations(args: argparse.Namespace) -> Locations:
+    """Resolve flags, then environment, then defaults (environment read here, at call time)."""
+    data = data_settings(args)
+    return Locations(
+        data=data,
+        optuna_url=args.optuna_storage or os.environ.get("HEIMDALL_OPTUNA_STORAGE") or f"sqlite:///{data.data_dir / 'optuna.db'}",
+        storage_url=args.storage_path or os.environ.get("HEIMDALL_STORAGE_PATH") or str(data.data_dir / "runs"),
+        output_root=(args.output_dir or Path(os.environ.get("HEIMDALL_OUTPUT_DIR") or data.data_dir / "studies")).resolve(),
+        mlflow_uri=args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+        ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"),
+    )
+
+
+def study_config(args: argparse.Namespace, where: Locations) -> StudyConfig:
+    """The study from the flags, or for ``--resume`` the saved one (flags cannot change it).
+
+    Raises:
+        NotFoundError: ``--resume`` without a study to resume.
+        ConfigError: invalid settings (every problem listed).
+    """
+    given = _given(args)
+    if args.resume:
+        name = args.name or _latest(where.output_root)
+        path = where.output_root / name / "study.json"
+        if not path.is_file():
+            raise NotFoundError(f"no saved study {name!r} to resume ({path} is missing); fix: check --name and "
+                                f"--output-dir / --data-dir, or start the study without --resume")
+        config = StudyConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        ignored = sorted(k for k, v in given.items() if getattr(config, k) != v)
+        if ignored:
+            print(f"note: --resume keeps the study's own settings; ignoring {', '.join(ignored)}")
+        return config
+    fields = {**(SMOKE_TEST if args.smoke_test else {}), **given}
+    space = Path(str(fields.get("space", StudyConfig.space))).stem
+    smoke = "smoke-" if args.smoke_test else ""
+    name = args.name or f"{space}-{fields.get('objective', StudyConfig.objective)}-{smoke}{datetime.now():%Y%m%d-%H%M%S}"
+    return StudyConfig(name=name, **fields)
+
+
+def _latest(output_root: Path) -> str:
+    path = output_root / LATEST
+    if not path.is_file():
+        raise NotFoundError(f"no study to resume: {path} is missing; fix: give --name, or check --output-dir / --data-dir")
+    return path.read_text(encoding="utf-8").strip()
+
+
+# -- connections (everything that can fail before a trial starts) ----------------------------------
+
+
+@dataclass
+class Connections:
+    """Open handles on every service a study uses, checked before Ray starts."""
+
+    catalog: Catalog
+    store: BlobStore
+    optuna: optuna.storages.BaseStorage
+    runs: RunStorage
+    dataset: DatasetInfo | None  # None: it will be generated
+
+    def close(self) -> None:
+        """Close the catalogue connection."""
+        self.catalog.close()
+
+
+def connect(config: StudyConfig, where: Locations, *, resume: bool) -> Connections:
+    """Open and check the catalogue, the store, the Optuna storage and the run storage.
+
+    Raises:
+        ServiceUnavailableError: a service cannot be reached.
+        DataError: the dataset exists but is empty.
+        AlreadyExistsError / NotFoundError: a new study's name is taken / a resumed one is missing.
+    """
+    catalog = where.data.open_catalog()
+    catalog.initialize()
+    store = where.data.open_store()
+    store.list(f"datasets/{config.dataset}/")  # reaches an S3 server now rather than mid-study
+    dataset = _dataset_info(catalog, config.dataset)
+    optuna_storage = open_optuna_storage(where.optuna_url)
+    runs = open_run_storage(where.storage_url)
+    if resume:
+        check_resumable(runs, config.name)
+    else:
+        check_new_study(optuna_storage, runs, config.name)
+    return Connections(catalog=catalog, store=store, optuna=optuna_storage, runs=runs, dataset=dataset)
+
+
+def _dataset_info(catalog: Catalog, name: str) -> DatasetInfo | None:
+    try:
+        info = catalog.get_dataset(name)
+    except NotFoundError:
+        return None
+    if info.status == "complete" and info.n_recordings == 0:
+        raise DataError(f"dataset {name!r} is complete but holds no recordings; fix: delete it "
+                        f"(`python -m tuning.data delete {name}`) and let the study regenerate it, or pick another --dataset")
+    return info
+
+
+# -- the plan ------------------------------------------------------------------------------------
+
+
+def describe_plan(config: StudyConfig, space: SearchSpace, where: Locations, conn: Connections,
+                  plan: ResourcePlan, *, resume: bool) -> str:
+    """The study as it will run, one setting per line."""
+    o = config.objective_spec
+    info = conn.dataset
+    if info is None:
+        data = f"{config.dataset!r} absent: will generate {config.dataset_recordings} recordings (seed {config.dataset_seed})"
+    elif info.status != "complete":
+        data = f"{info.name!r} pending ({info.n_recordings}/{info.planned_recordings}): generation will resume"
+    else:
+        data = f"{info.name!r}: {info.n_recordings} recordings in {info.n_shards} shards ({info.kind})"
+    budget = "none" if config.time_budget_s is None else f"{config.time_budget_s / 60:g} min"
+    rows = [
+        ("study", f"{config.name}{' (resuming)' if resume else ''}"),
+        ("space", f"{space.name}: arch {space.arch}, {len(space.parameters)} parameters, sha256 {space.sha256[:12]}"),
+        ("dataset", data),
+        ("objective", f"{o.metric} ({o.mode}): {o.description}"),
+        ("trials", f"{config.trials} x up to {config.max_epochs} epochs; ASHA grace {config.grace_period} epoch(s), "
+                   f"reduction {config.reduction_factor}; time budget {budget}; seed {config.seed}"),
+        ("workers", f"{config.workers_per_trial} per trial x {config.cpus_per_worker:g} CPU; {plan.describe()}"),
+        ("catalogue", conn.catalog.describe()),
+        ("store", conn.store.describe()),
+        ("optuna", describe_url(where.optuna_url)),
+        ("runs", f"{conn.runs.describe()}/{config.name}"),
+        ("output", str(where.output_root / config.name)),
+        ("ray", where.ray_address or "a new local Ray (dashboard on)"),
+        ("mlflow", where.mlflow_uri or "not set (export stage)"),
+    ]
+    return "\n".join(f"  {k:10s} {v}" for k, v in rows)
+
+
+# -- side effects ------------------------------------------------------------------------------------
+
+
+def start_ray(address: str | None, verbose: bool) -> bool:
+    """Start a local Ray with its dashboard (or join ``address``); print the dashboard URL.
+
+    The dashboard stays on, and every worker gets ``RAY_ADDRESS``: Train's
+    placement-group cleaner asks the state API (served by the dashboard)
+    whether a trial's Train controller is alive, and without ``RAY_ADDRESS``
+    it gives up when several Ray instances run on one machine. A trial that
+    ASHA stops kills its controller, so its workers' CPUs would then never be
+    released and later trials would time out starting theirs
+    (ENVIRONMENT.md, "Hang to avoid").
+
+    Returns:
+        True when this call started or joined Ray (and the caller should shut it down).
+    """
+    if ray.is_initialized():
+        print("ray:       using this process's running Ray session")
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": True, "log_to_driver": verbose,
+                              "logging_level": logging.INFO if verbose else logging.WARNING}
+    if address:
+        kwargs.update(address=address, runtime_env=_ray_address_env(address))
+        ctx = ray.init(**kwargs)
+    else:
+        ctx = _init_local_ray(kwargs)
+    if not verbose:
+        DataContext.get_current().enable_progress_bars = False
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    url = ctx.dashboard_url
+    print(f"ray:       dashboard at http://{url} (token authentication: the token is in ~/.ray/auth_token)"
+          if url else "ray:       started (no dashboard URL reported)")
+    return True
+
+
+def _ray_address_env(address: str) -> dict[str, Any]:
+    """Job runtime env giving every worker the cluster address (``ray://`` client addresses excepted)."""
+    return {} if "://" in address else {"env_vars": {"RAY_ADDRESS": address}}
+
+
+def _init_local_ray(kwargs: dict[str, Any]) -> Any:
+    """``ray.init`` of a private local instance whose GCS port is chosen here, so workers can be told it."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    address = f"{ray.util.get_node_ip_address()}:{port}"
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by ray.init when it starts the head node
+    try:
+        return ray.init(address="local", dashboard_host="127.0.0.1", object_store_memory=OBJECT_STORE_BYTES,
+                        runtime_env=_ray_address_env(address), **kwargs)
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
+
+
+def ensure_dataset(conn: Connections, config: StudyConfig) -> DatasetInfo:
+    """The study's dataset, generated (with a progress bar) or resumed if needed."""
+    info = conn.dataset
+    if info is not None and info.status == "complete":
+        return info
+    n, seed, kwargs = config.dataset_recordings, config.dataset_seed, {}
+    if info is not None:  # pending: resume with its own settings
+        n, seed = info.planned_recordings, info.seed
+        kwargs = {"config": GeneratorConfig.from_dict(info.config), "shard_size": info.shard_size}
+    with tqdm(total=n, unit="rec", desc=f"generate dataset {config.dataset}") as bar:
+        return generate_dataset(conn.catalog, conn.store, config.dataset, n_recordings=n, seed=seed,
+                                progress=bar.update, **kwargs)
+
+
+def baselines(conn: Connections, info: DatasetInfo, split: SplitConfig) -> dict[str, dict[str, float]]:
+    """Centre and Bayes-oracle reports on the validation split (synthetic datasets only)."""
+    if info.kind != "synthetic":
+        return {}
+    labels = conn.catalog.recordings(info.name)
+    val = np.flatnonzero(split_assignment(labels["recording_id"], split) == VAL)
+    if len(val) == 0:
+        return {}
+    reports = baseline_reports(GeneratorConfig.from_dict(info.config), {k: v[val] for k, v in labels.items()})
+    return {name: {f"val/{k}": v for k, v in r.to_dict().items() if isinstance(v, (int, float))}
+            for name, r in reports.items()}
+
+
+def run_study(config: StudyConfig, space: SearchSpace, where: Locations, conn: Connections, *,
+              resume: bool, verbose: bool, callbacks: Sequence[tune.Callback] = ()) -> int:
+    """Start Ray, ensure dataset and feature cache, fit, summarise. Returns the exit status.
+
+    ``callbacks`` are added to a new study's Tuner (a resumed one keeps its own).
+    """
+    out_dir = where.output_root / config.name
+    started_ray = start_ray(where.ray_address, verbose)
+    try:
+        info = ensure_dataset(conn, config)
+        split = SplitConfig()
+        cache = ensure_feature_cache(conn.catalog, conn.store, config.dataset, split=split)
+        plan = plan_resources(ray.cluster_resources().get("CPU", 1.0), config.workers_per_trial,
+                              config.cpus_per_worker, config.trials)
+        spec = TrialSpec(space=space, objective=config.objective_spec, max_epochs=config.max_epochs, seed=config.seed,
+                         train_storage=conn.runs.train_path(config.name), storage_filesystem=conn.runs.filesystem,
+                         workers_per_trial=config.workers_per_trial, cpus_per_worker=config.cpus_per_worker,
+                         max_failures=config.max_failures)
+        trainable = make_trainable(spec, trial_datasets(cache, conn.store, seed=config.seed), cache, plan)
+        print(f"study:     {plan.describe()}; experiment at {conn.runs.experiment_path(config.name)}")
+        if resume:
+            tuner = restore_tuner(config, trainable, conn.runs)
+        else:
+            _save_study(out_dir, where, config)
+            tuner = build_tuner(config, make_searcher(config, space, conn.optuna), trainable, conn.runs, plan,
+                                callbacks=[StudyProgress(config.objective_spec, config.trials, config.max_epochs),
+                                           *callbacks])
+        started = time.monotonic()
+        results = tuner.fit()
+        return _summarise(config, where, conn, results, out_dir, baselines(conn, info, split),
+                          time.monotonic() - started)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _save_study(out_dir: Path, where: Locations, config: StudyConfig) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "study.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+    (where.output_root / LATEST).write_text(config.name + "\n", encoding="utf-8")
+
+
+def _summarise(config: StudyConfig, where: Locations, conn: Connections, results: Any, out_dir: Path,
+               base: dict[str, dict[str, float]], seconds: float) -> int:
+    objective = config.objective_spec
+    rows = trial_rows(results, objective, config.max_epochs)
+    orphans = reconcile_optuna(conn.optuna, config.name, {r.number for r in rows if r.number is not None})
+    study = optuna.load_study(study_name=config.name, storage=conn.optuna)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = save_plots(study, out_dir)
+    print()
+    print(format_table(rows, objective, baselines={k: base[k] for k in ("centre", "oracle") if k in base}))
+    summary = {
+        "study": config.to_dict(), "objective": objective.metric, "mode": objective.mode,
+        "wall_seconds": round(seconds, 1), "experiment": conn.runs.experiment_path(config.name),
+        "storage_path": conn.runs.describe(), "optuna_storage": describe_url(where.optuna_url),
+        "mlflow_uri": where.mlflow_uri, "tune_trials": len(rows),
+        "tune_status": {s: sum(r.status == s for r in rows) for s in ("complete", "stopped", "error")},
+        "optuna_trials": study_counts(study), "optuna_orphans_failed": orphans,
+        "best": rows[0] if rows and rows[0].value is not None else None, "trials": rows,
+        "baselines": base, "plots": plots,
+    }
+    path = write_summary(out_dir, summary)
+    print(f"\nsummary:   {path}")
+    for name, where_ in plots.items():
+        print(f"plot:      {name}: {where_}")
+    if orphans:
+        print(f"note:      {len(orphans)} Optuna trial(s) asked before an interruption and never run were marked FAIL: "
+              f"{orphans}")
+    if not any(r.value is not None for r in rows):
+        print(f"error: no trial reported a result; see the trial logs under {conn.runs.experiment_path(config.name)}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- entry point -------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None, callbacks: Sequence[tune.Callback] = ()) -> int:
+    """Parse, validate, (dry run: print the plan) or run the study. Returns the exit status.
+
+    Args:
+        argv: the arguments (``sys.argv[1:]`` when None).
+        callbacks: extra Tune callbacks for a new study (benchmarks use them to time trials).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume and args.smoke_test:
+        parser.error("--resume continues a saved study with its own settings; drop --smoke-test")
+    try:
+        return _run(args, callbacks)
+    except HeimdallError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: continue with `python -m tuning.run --resume`", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace, callbacks: Sequence[tune.Callback]) -> int:
+    where = locations(args)
+    config = study_config(args, where)
+    space = load_space(config.space)
+    _check_space_budget(space)
+    conn = connect(config, where, resume=args.resume)
+    try:
+        plan = plan_resources(float(os.cpu_count() or 1), config.workers_per_trial, config.cpus_per_worker, config.trials)
+        print("Heimdall Tune: plan\n" + describe_plan(config, space, where, conn, plan, resume=args.resume))
+        if args.dry_run:
+            print("\n" + space_summary(space))
+            print("\ndry run: everything checked; no Ray started, no trial run")
+            return 0
+        return run_study(config, space, where, conn, resume=args.resume, verbose=args.verbose, callbacks=callbacks)
+    finally:
+        conn.close()
+
+
+def _check_space_budget(space: SearchSpace) -> None:
+    collect_problems(f"search space {space.name!r}", [
+        f"{name} is set by the space, but a study's epoch budget is --max-epochs (ASHA's max_t); remove it"
+        for name in ["optimizer.max_epochs"] if name in space.fixed or any(p.name == name for p in space.parameters)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,397 @@
+"""One trial of a study: a Ray Train run of an ordinary Lightning ``Trainer``.
+
+Ray Train V2 no longer runs inside ``Tuner(TorchTrainer(...))``; each Tune
+trial is the function :func:`run_trial`, which builds a ``TorchTrainer`` and
+calls ``fit()``. Its workers run :func:`train_loop_per_worker`: they build the
+model-core :class:`heimdall.module.LocalizationModule` from the trial's
+parameters (:func:`tuning.spaces.build_configs`) and a plain Lightning
+``Trainer``, to which Ray is added from the outside only: ``RayDDPStrategy``,
+``RayLightningEnvironment``, ``RayTrainReportCallback`` and
+``prepare_trainer``. Every validation epoch becomes one Train report (metrics
+plus a checkpoint), which ``TuneReportCallback`` forwards to Tune, where ASHA
+may stop the trial.
+
+Fault tolerance, in two layers:
+
+* a Train worker that dies restarts its worker group (up to
+  :attr:`TrialSpec.max_failures` times) and resumes from
+  ``ray.train.get_checkpoint()``, the last epoch's checkpoint;
+* the Train run of a Tune trial is named after the trial's id under the
+  study's storage, so when the trial function itself is restarted (a Tune
+  retry, or ``--resume`` after the driver died) Train reloads that run's
+  checkpoint state and the trial continues where it stopped.
+
+Every ``FailureConfig`` is finite: with the default
+``controller_failure_limit=-1`` a worker group that cannot start retries
+forever (see ENVIRONMENT.md, "Hang to avoid").
+
+The objectives live here too (:data:`OBJECTIVES`), because the workers compute
+the calibrated one (:func:`calibrated_nll`) and the driver ranks trials by the
+same names.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import ray.train
+import torch
+from ray import tune
+from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from heimdall.errors import ConfigError, collect_problems
+from heimdall.losses import validate_model_and_loss
+from heimdall.metrics import NOMINAL_COVERAGE
+from heimdall.models import build_model
+from heimdall.module import LocalizationModule
+from tuning.pipeline import FeatureCache, RayBatches
+from tuning.spaces import SearchSpace, TrialConfigs, build_configs
+
+if TYPE_CHECKING:
+    import pyarrow.fs
+    import ray.data
+
+__all__ = [
+    "Objective",
+    "OBJECTIVES",
+    "COVERAGE_BAND",
+    "COVERAGE_PENALTY",
+    "EPOCHS_METRIC",
+    "OPTUNA_NUMBER_KEY",
+    "calibrated_nll",
+    "objective_for",
+    "TrialSpec",
+    "TrialMetrics",
+    "trial_params",
+    "train_loop_per_worker",
+    "run_trial",
+]
+
+# -- objectives ----------------------------------------------------------------------
+
+#: Coverage may miss its nominal value by this much (a fraction: 0.05 = 5 points)
+#: before the calibrated objective adds a penalty.
+COVERAGE_BAND = 0.05
+#: Nats added per unit of coverage outside the band (20: 1 nat per 5 points).
+COVERAGE_PENALTY = 20.0
+#: Epochs completed, counted from 1: ASHA's time axis. Unlike Tune's
+#: ``training_iteration`` it survives a restart of the trial function.
+EPOCHS_METRIC = "epochs"
+#: Key of the Optuna trial number in every Tune trial config (not a parameter).
+OPTUNA_NUMBER_KEY = "_optuna_number"
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a study minimises.
+
+    Attributes:
+        name: the ``--objective`` value.
+        metric: the reported metric, as Tune and Optuna see it.
+        mode: ``"min"`` or ``"max"``.
+        description: one line for ``--help`` and the plan.
+    """
+
+    name: str
+    metric: str
+    mode: str
+    description: str
+
+
+OBJECTIVES: dict[str, Objective] = {
+    o.name: o
+    for o in (
+        Objective("nll", "val/nll_km", "min", "mean negative log-likelihood of the truth, km (default)"),
+        Objective("median", "val/median_km", "min", "median localization error, km"),
+        Objective(
+            "calibrated", "val/calibrated_nll", "min",
+            f"NLL + {COVERAGE_PENALTY:g} x (1-/2-sigma coverage outside nominal +-{COVERAGE_BAND * 100:g} points)",
+        ),
+    )
+}
+
+
+def objective_for(name: str) -> Objective:
+    """The objective called ``name``.
+
+    Raises:
+        ConfigError: for an unknown name, listing the valid ones.
+    """
+    if name not in OBJECTIVES:
+        raise ConfigError("objective", [f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}"])
+    return OBJECTIVES[name]
+
+
+def calibrated_nll(nll_km: float, coverage_1sigma: float, coverage_2sigma: float) -> float:
+    """NLL plus a penalty for 1-/2-sigma coverage outside nominal +- :data:`COVERAGE_BAND`.
+
+    A model that is sharp but overconfident can win on NLL alone; this keeps its
+    ellipses honest. The penalty is :data:`COVERAGE_PENALTY` nats per unit of
+    coverage beyond the band, summed over the two ellipses.
+
+    Args:
+        nll_km: mean negative log-likelihood (positions in km).
+        coverage_1sigma: fraction of truths inside the 1-sigma ellipses (nominal 0.3935).
+        coverage_2sigma: fraction inside the 2-sigma ellipses (nominal 0.8647).
+
+    Returns:
+        The penalised NLL; equal to ``nll_km`` when both coverages are in the band.
+    """
+    excess = 0.0
+    for name, value in (("coverage_1sigma", coverage_1sigma), ("coverage_2sigma", coverage_2sigma)):
+        nominal = NOMINAL_COVERAGE[name][1]
+        excess += max(0.0, abs(value - nominal) - COVERAGE_BAND)
+    return nll_km + COVERAGE_PENALTY * excess
+
+
+# -- the trial's settings ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """Everything a trial needs besides its sampled parameters; sent to every trial.
+
+    Attributes:
+        space: the search space the parameters come from.
+        objective: what the study minimises (ranks checkpoints too).
+        max_epochs: epochs of a trial that ASHA never stops; also the horizon
+            of the learning-rate schedule (see :meth:`configs`).
+        seed: base seed; a trial uses ``seed + its Optuna trial number``.
+        train_storage: where Train runs keep checkpoints, a path on
+            ``storage_filesystem`` (``bucket/prefix/...`` for S3).
+        storage_filesystem: pyarrow filesystem of ``train_storage``; None for local paths.
+        workers_per_trial: Train workers (DDP processes) per trial.
+        cpus_per_worker: CPUs each Train worker reserves (its torch threads).
+        max_failures: worker-group restarts per trial before it fails.
+        eval_batch_size: validation batch size (no gradients, so larger).
+        checkpoints_to_keep: per trial: the best by the objective and the latest.
+    """
+
+    space: SearchSpace
+    objective: Objective
+    max_epochs: int
+    seed: int
+    train_storage: str
+    storage_filesystem: pyarrow.fs.FileSystem | None = None
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+    eval_batch_size: int = 256
+    checkpoints_to_keep: int = 2
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        if not (isinstance(self.max_epochs, int) and self.max_epochs >= 1):
+            p.append(f"max_epochs must be an integer >= 1, got {self.max_epochs!r}")
+        if not (isinstance(self.workers_per_trial, int) and self.workers_per_trial >= 1):
+            p.append(f"workers_per_trial must be an integer >= 1, got {self.workers_per_trial!r}")
+        if not (math.isfinite(self.cpus_per_worker) and self.cpus_per_worker > 0):
+            p.append(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if not (isinstance(self.max_failures, int) and self.max_failures >= 0):
+            p.append(f"max_failures must be an integer >= 0 (finite: -1 can retry forever), got {self.max_failures!r}")
+        if self.eval_batch_size < 1:
+            p.append(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        if self.checkpoints_to_keep < 1:
+            p.append(f"checkpoints_to_keep must be >= 1, got {self.checkpoints_to_keep}")
+        if not self.train_storage:
+            p.append("train_storage must name a directory or bucket/prefix, got ''")
+        collect_problems("TrialSpec", p)
+
+    def configs(self, params: Mapping[str, Any]) -> TrialConfigs:
+        """The trial's typed configs, with the study's epoch budget as the schedule horizon.
+
+        The horizon (``optimizer.max_epochs``) is the study's ``max_epochs``,
+        lengthened only when a warm-up (lr or MSE) would not end before it, as
+        in a one-epoch smoke test: the run then covers the start of the schedule.
+
+        Raises:
+            ConfigError: listing every problem of the parameters.
+        """
+        configs = build_configs(self.space, trial_params(params))
+        opt = configs.optimizer
+        horizon = max(self.max_epochs, math.floor(opt.warmup) + 1, configs.loss.mse_warmup_epochs + 1)
+        configs = replace(configs, optimizer=replace(opt, max_epochs=horizon))
+        validate_model_and_loss(configs.model, configs.loss, configs.optimizer)
+        return configs
+
+
+def trial_params(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The searched parameters of a Tune trial config (bookkeeping keys removed)."""
+    return {k: v for k, v in config.items() if k != OPTUNA_NUMBER_KEY}
+
+
+# -- worker side ----------------------------------------------------------------------
+
+
+class TrialMetrics(pl.Callback):
+    """Adds the study's derived metrics before Ray's report callback reads them.
+
+    At the end of each training epoch (validation has run by then) it puts
+    ``epochs`` (completed, from 1) and ``val/calibrated_nll`` into
+    ``trainer.callback_metrics``. It also remembers the last metrics in the
+    Lightning checkpoint, so a trial resumed from its final checkpoint, which
+    trains no further epoch, can still report its result
+    (:meth:`report_if_silent`).
+    """
+
+    def __init__(self) -> None:
+        self.last_metrics: dict[str, float] = {}
+        self.reported = False
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Add ``epochs`` and the calibrated objective to ``trainer.callback_metrics``."""
+        metrics = trainer.callback_metrics
+        metrics[EPOCHS_METRIC] = torch.tensor(float(trainer.current_epoch + 1))
+        if all(k in metrics for k in ("val/nll_km", "val/coverage_1sigma", "val/coverage_2sigma")):
+            value = calibrated_nll(*(float(metrics[k]) for k in ("val/nll_km", "val/coverage_1sigma", "val/coverage_2sigma")))
+            metrics[OBJECTIVES["calibrated"].metric] = torch.tensor(value)
+        self.last_metrics = {k: float(v) for k, v in metrics.items()}
+        self.reported = True
+
+    def state_dict(self) -> dict[str, Any]:
+        """The last reported metrics (saved in each Lightning checkpoint)."""
+        return {"last_metrics": dict(self.last_metrics)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the last reported metrics from a checkpoint."""
+        self.last_metrics = dict(state_dict.get("last_metrics", {}))
+
+    def report_if_silent(self) -> None:
+        """Report the restored metrics if this attempt trained no epoch.
+
+        Without it a trial whose run had already finished when the driver died
+        would end without any result and count as pruned.
+        """
+        if not self.reported and self.last_metrics:
+            ray.train.report(dict(self.last_metrics))
+
+
+def _quiet_lightning() -> None:
+    """Keep Lightning's per-trial banners (devices, model summary) out of the logs."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+
+
+def _build_trainer(spec: TrialSpec, metrics: TrialMetrics) -> pl.Trainer:
+    trainer = pl.Trainer(
+        max_epochs=spec.max_epochs,
+        accelerator="cpu",
+        devices="auto",
+        strategy=RayDDPStrategy(),
+        plugins=[RayLightningEnvironment()],
+        # Order matters: TrialMetrics must fill callback_metrics before Ray reads them.
+        callbacks=[metrics, RayTrainReportCallback()],
+        logger=False,
+        enable_checkpointing=False,  # Ray's callback writes the only checkpoints
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,  # a sanity pass would cost a validation per trial start
+    )
+    return prepare_trainer(trainer)
+
+
+def _build_module(configs: TrialConfigs, cache: FeatureCache) -> LocalizationModule:
+    model = build_model(configs.arch, configs.model)
+    return LocalizationModule(model, configs.loss, configs.optimizer, cache.target_scaling, cache.feature_config)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The body of every Train worker: fit one LocalizationModule, resuming if Train has a checkpoint.
+
+    Args:
+        config: ``{"spec": TrialSpec, "params": flat parameters, "seed": int,
+            "cache": FeatureCache}`` as :func:`run_trial` builds it.
+    """
+    _quiet_lightning()
+    spec: TrialSpec = config["spec"]
+    cache: FeatureCache = config["cache"]
+    configs = spec.configs(config["params"])
+    pl.seed_everything(config["seed"], workers=True, verbose=False)
+    module = _build_module(configs, cache)
+    metrics = TrialMetrics()
+    trainer = _build_trainer(spec, metrics)
+    world = ray.train.get_context().get_world_size()
+    # n_rows gives the loaders a length: the module's lr schedule counts steps per epoch.
+    train = RayBatches(ray.train.get_dataset_shard("train"), configs.optimizer.batch_size, shuffle=True,
+                       seed=config["seed"], n_rows=cache.counts["train"] // world)
+    val = RayBatches(ray.train.get_dataset_shard("val"), spec.eval_batch_size, shuffle=False,
+                     seed=0, n_rows=cache.counts["val"] // world)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
+        return
+    # Fit inside the context: for S3 storage the directory is a download that vanishes on exit.
+    with checkpoint.as_directory() as directory:
+        ckpt = Path(directory) / RayTrainReportCallback.CHECKPOINT_NAME
+        trainer.fit(module, train_dataloaders=train, val_dataloaders=val, ckpt_path=str(ckpt))
+    metrics.report_if_silent()
+
+
+# -- trial side (one Tune trial = one Train run) ---------------------------------------
+
+
+def _train_run_config(spec: TrialSpec, run_name: str) -> Any:
+    return ray.train.RunConfig(
+        name=run_name,
+        storage_path=spec.train_storage,
+        storage_filesystem=spec.storage_filesystem,
+        callbacks=[TuneReportCallback()],
+        failure_config=ray.train.FailureConfig(
+            max_failures=spec.max_failures,
+            controller_failure_limit=spec.max_failures,
+            max_preemption_failures=spec.max_failures,
+        ),
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=spec.checkpoints_to_keep,
+            checkpoint_score_attribute=spec.objective.metric,
+            checkpoint_score_order=spec.objective.mode,
+        ),
+    )
+
+
+def run_trial(
+    config: dict[str, Any],
+    *,
+    spec: TrialSpec,
+    datasets: Mapping[str, ray.data.Dataset | Callable[[], ray.data.Dataset]],
+    cache: FeatureCache,
+) -> None:
+    """Tune's function trainable: one ``TorchTrainer`` run for one set of parameters.
+
+    Bind the keyword arguments with ``tune.with_parameters``. Metrics reach Tune
+    through ``TuneReportCallback``; the function returns when Train finishes
+    or raises when the run fails after :attr:`TrialSpec.max_failures` restarts.
+
+    Args:
+        config: Tune's trial config: the flat parameters plus :data:`OPTUNA_NUMBER_KEY`.
+        spec: the study-wide trial settings.
+        datasets: ``{"train": ..., "val": ...}`` Ray datasets (or factories) of cached features,
+            from :func:`tuning.pipeline.trial_datasets`.
+        cache: the feature cache they read (row counts, feature config, target scaling).
+
+    Raises:
+        ConfigError: the parameters do not give valid configs (before any worker starts).
+    """
+    params = trial_params(config)
+    spec.configs(params)  # fail here, in one clear error, rather than in every worker
+    seed = spec.seed + int(config.get(OPTUNA_NUMBER_KEY, 0))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec, "params": params, "seed": seed, "cache": cache},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=spec.workers_per_trial, resources_per_worker={"CPU": spec.cpus_per_worker}
+        ),
+        datasets=dict(datasets),
+        run_config=_train_run_config(spec, tune.get_context().get_trial_id()),
+    )
+    trainer.fit()

@@ -1,0 +1,588 @@
+"""The study: Ray Tune with Optuna's TPE sampler and ASHA, on function trials.
+
+:class:`StudyConfig` holds every default of a study (one typed home; the CLI
+only overrides). From it and the connections the driver builds, in order:
+
+* :func:`open_optuna_storage`: the Optuna study lives in PostgreSQL when
+  ``--optuna-storage postgresql://...`` is given, else in SQLite in the data
+  directory. ``OptunaSearch`` writes every suggestion and result there.
+* :func:`open_run_storage`: where Tune's experiment state and Train's
+  checkpoints go, a local directory or ``s3://bucket/prefix``.
+* :func:`plan_resources`: how many trials run at once, sized from the cluster's
+  CPUs with CPUs left over for Ray Data, so data tasks never starve.
+* :func:`build_tuner` (or :func:`restore_tuner` for ``--resume``).
+
+Trials are :func:`tuning.trainer.run_trial`; their Tune config is the flat
+parameter dict plus the Optuna trial number (:data:`~tuning.trainer.OPTUNA_NUMBER_KEY`),
+which lets :func:`reconcile_optuna` match the two bookkeepings after a crash.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from heimdall.errors import AlreadyExistsError, ConfigError, NotFoundError, ServiceUnavailableError, collect_problems
+from heimdall.store import S3Settings, open_store
+from tuning.pipeline import READ_CONCURRENCY, READ_NUM_CPUS, FeatureCache
+from tuning.spaces import SearchSpace, to_optuna
+from tuning.trainer import EPOCHS_METRIC, OBJECTIVES, OPTUNA_NUMBER_KEY, Objective, TrialSpec, run_trial
+
+if TYPE_CHECKING:
+    import pyarrow.fs
+
+__all__ = [
+    "StudyConfig",
+    "SMOKE_TEST",
+    "RunStorage",
+    "ResourcePlan",
+    "open_run_storage",
+    "open_optuna_storage",
+    "describe_url",
+    "check_new_study",
+    "check_resumable",
+    "plan_resources",
+    "NumberedSpace",
+    "make_searcher",
+    "make_scheduler",
+    "trial_name",
+    "make_trainable",
+    "build_tuner",
+    "restore_tuner",
+    "reconcile_optuna",
+    "StudyProgress",
+]
+
+#: CPU share Tune reserves for each trial function: it only waits on its TorchTrainer.
+TRIAL_FUNCTION_CPUS = 0.01
+#: CPUs per trial for its Ray Data read tasks (tuning.pipeline runs at most READ_CONCURRENCY at once).
+DATA_CPUS_PER_TRIAL = READ_CONCURRENCY * READ_NUM_CPUS
+#: Tune-level retries of a trial function whose Train run failed for good. Train
+#: already restarts dead workers (StudyConfig.max_failures); retrying the whole
+#: run again would mostly repeat deterministic errors, at a worker-group start each.
+TUNE_MAX_FAILURES = 0
+#: PostgreSQL connect timeout (s): an unreachable server fails fast, not after minutes.
+PG_CONNECT_TIMEOUT_S = 5
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A study's settings: what is searched, on what, for how long.
+
+    Attributes:
+        name: study name: the Optuna study, the Tune experiment and the output directory.
+        space: search-space name (``search_spaces/<name>.yaml``) or path.
+        dataset: catalogue dataset name; generated on first use if absent.
+        dataset_recordings: size of a dataset generated on first use (8000 is ~1.8 GB).
+        dataset_seed: seed of a generated dataset.
+        objective: ``nll``, ``median`` or ``calibrated`` (:data:`tuning.trainer.OBJECTIVES`).
+        trials: number of trials.
+        max_epochs: epochs of a trial that ASHA lets finish (ASHA's max_t).
+        time_budget_s: Tune stops the study after this long (None: no limit).
+        seed: seed of the TPE sampler and (plus the trial number) of each trial.
+        workers_per_trial: Train workers (DDP processes) per trial.
+        cpus_per_worker: CPUs each Train worker reserves.
+        grace_period: epochs every trial runs before ASHA may stop it (>= 1).
+        reduction_factor: ASHA keeps the best 1/reduction_factor at each rung.
+        max_failures: Train worker-group restarts per trial (finite).
+        tpe_startup_trials: random trials before TPE models the results.
+    """
+
+    name: str
+    space: str = "resnet"
+    dataset: str = "default"
+    dataset_recordings: int = 8000
+    dataset_seed: int = 0
+    objective: str = "nll"
+    trials: int = 8
+    max_epochs: int = 4
+    time_budget_s: float | None = 22 * 60.0
+    seed: int = 0
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    grace_period: int = 1
+    reduction_factor: int = 3
+    max_failures: int = 2
+    tpe_startup_trials: int = 3
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
+            p.append(f"name must be non-empty and use letters, digits, '-', '_' or '.', got {self.name!r}")
+        if self.objective not in OBJECTIVES:
+            p.append(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        for field in ("dataset_recordings", "trials", "max_epochs", "workers_per_trial", "grace_period"):
+            value = getattr(self, field)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                p.append(f"{field} must be an integer >= 1, got {value!r}")
+        if isinstance(self.grace_period, int) and isinstance(self.max_epochs, int) and self.grace_period > self.max_epochs:
+            p.append(f"grace_period ({self.grace_period}) must not exceed max_epochs ({self.max_epochs})")
+        if not (isinstance(self.reduction_factor, int) and self.reduction_factor >= 2):
+            p.append(f"reduction_factor must be an integer >= 2, got {self.reduction_factor!r}")
+        if self.time_budget_s is not None and not (math.isfinite(self.time_budget_s) and self.time_budget_s > 0):
+            p.append(f"time_budget_s must be > 0 seconds (or None for no limit), got {self.time_budget_s}")
+        if not (math.isfinite(self.cpus_per_worker) and self.cpus_per_worker > 0):
+            p.append(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if not (isinstance(self.max_failures, int) and self.max_failures >= 0):
+            p.append(f"max_failures must be an integer >= 0 (-1 would retry forever), got {self.max_failures!r}")
+        if not (isinstance(self.tpe_startup_trials, int) and self.tpe_startup_trials >= 1):
+            p.append(f"tpe_startup_trials must be an integer >= 1, got {self.tpe_startup_trials!r}")
+        collect_problems("study settings", p)
+
+    @property
+    def objective_spec(self) -> Objective:
+        """The :class:`~tuning.trainer.Objective` named by :attr:`objective`."""
+        return OBJECTIVES[self.objective]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (saved as ``study.json`` so ``--resume`` rebuilds the same study)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StudyConfig:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ConfigError: unknown keys (naming the valid ones) or invalid values.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        collect_problems("study settings", [f"unknown key {k!r}; valid keys: {', '.join(sorted(names))}"
+                                            for k in sorted(set(data) - names)])
+        return cls(**data)
+
+
+#: ``--smoke-test``: a tiny dataset, two one-epoch trials, no time limit (minutes end to end).
+SMOKE_TEST: dict[str, Any] = {
+    "dataset": "smoke", "dataset_recordings": 128, "trials": 2, "max_epochs": 1, "time_budget_s": None,
+    "tpe_startup_trials": 2,
+}
+
+
+# -- storage ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunStorage:
+    """Where Tune's experiment state and Train's checkpoints live.
+
+    Attributes:
+        url: as configured: a directory or ``s3://bucket/prefix``.
+        path: the same place as a path on :attr:`filesystem` (``bucket/prefix`` for S3).
+        filesystem: a pyarrow ``S3FileSystem`` for S3; None for a local directory.
+    """
+
+    url: str
+    path: str
+    filesystem: pyarrow.fs.FileSystem | None
+
+    def experiment_path(self, name: str) -> str:
+        """The Tune experiment of study ``name``."""
+        return f"{self.path}/{name}"
+
+    def train_path(self, name: str) -> str:
+        """Parent of the Train runs (one per trial, named by trial id) of study ``name``."""
+        return f"{self.path}/{name}/train-runs"
+
+    def describe(self) -> str:
+        """Say where it is, without credentials."""
+        return self.url
+
+
+def open_run_storage(url: str, s3: S3Settings | None = None) -> RunStorage:
+    """Open (and for S3, reach) the run storage.
+
+    Args:
+        url: a directory, or ``s3://bucket/prefix`` on the S3 server of the store settings.
+        s3: S3 server settings; read from the environment when omitted.
+
+    Returns:
+        The storage; a local directory is created, an S3 bucket created if missing.
+
+    Raises:
+        ServiceUnavailableError: the S3 server cannot be reached.
+        ConfigError: the URL or the S3 settings are invalid.
+    """
+    store = open_store(url, s3)
+    fs, base = store.pyarrow_filesystem()
+    if url.startswith("s3://"):
+        store.ensure_bucket()  # pyarrow will not create buckets; Ray's first upload would fail late
+        return RunStorage(url=url, path=base, filesystem=fs)
+    os.makedirs(base, exist_ok=True)
+    return RunStorage(url=url, path=base, filesystem=None)
+
+
+def describe_url(url: str) -> str:
+    """A database URL with its password masked, safe to print."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
+
+
+def open_optuna_storage(url: str) -> optuna.storages.BaseStorage:
+    """Connect to the Optuna study database (tables are created on first use).
+
+    Args:
+        url: ``postgresql://user@host:port/db`` or ``sqlite:///path.db`` (SQLAlchemy URLs).
+
+    Returns:
+        An ``RDBStorage``.
+
+    Raises:
+        ConfigError: the URL is neither PostgreSQL nor SQLite.
+        ServiceUnavailableError: the database cannot be reached (within a few seconds).
+    """
+    scheme = urlsplit(url).scheme.split("+")[0]
+    if scheme not in ("postgresql", "sqlite"):
+        raise ConfigError("Optuna storage", [
+            f"unsupported Optuna storage URL {describe_url(url)!r}; use postgresql://user@host:5432/db "
+            f"or sqlite:///path/optuna.db"])
+    engine_kwargs = {"connect_args": {"connect_timeout": PG_CONNECT_TIMEOUT_S}} if scheme == "postgresql" else {}
+    if url.startswith("postgresql://"):
+        # SQLAlchemy 2.1 defaults to psycopg 3, which is not installed; psycopg2 is (the catalogue uses it too).
+        url = "postgresql+psycopg2://" + url[len("postgresql://"):]
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    except Exception as err:  # SQLAlchemy raises OperationalError, but drivers vary
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ServiceUnavailableError(
+            f"cannot reach the Optuna storage {describe_url(url)}: {reason}; fix: start the database "
+            f"(`python -m tuning.services up`) or point --optuna-storage / HEIMDALL_OPTUNA_STORAGE at a running one"
+        ) from None
+
+
+def check_new_study(storage: optuna.storages.BaseStorage, runs: RunStorage, name: str) -> None:
+    """Refuse to start a study whose name is taken (a new run would silently merge into it).
+
+    Raises:
+        AlreadyExistsError: the Optuna study or the Tune experiment exists, with the fix.
+    """
+    where = []
+    if name in optuna.get_all_study_names(storage):
+        where.append("the Optuna storage")
+    if tune.Tuner.can_restore(runs.experiment_path(name), storage_filesystem=runs.filesystem):
+        where.append(f"the run storage ({runs.describe()})")
+    if where:
+        raise AlreadyExistsError(
+            f"a study named {name!r} already exists in {' and '.join(where)}; fix: add --resume to continue it, "
+            f"or pick another --name")
+
+
+def check_resumable(runs: RunStorage, name: str) -> None:
+    """Make sure ``--resume`` has an experiment to restore.
+
+    Raises:
+        NotFoundError: no Tune experiment of that name in the run storage.
+    """
+    if not tune.Tuner.can_restore(runs.experiment_path(name), storage_filesystem=runs.filesystem):
+        raise NotFoundError(
+            f"no study {name!r} to resume in {runs.describe()} (no Tune experiment at "
+            f"{runs.experiment_path(name)}); fix: check --name and --storage-path, or start it without --resume")
+
+
+# -- resources ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    """How a study uses the cluster's CPUs.
+
+    Each trial reserves a placement group of two bundles: a sliver for the
+    trial function and :attr:`data_cpus` for its Ray Data read tasks. Tune
+    schedules trial actors with ``placement_group_capture_child_tasks``, so
+    the TorchTrainer's controller and its dataset split coordinators land in
+    that group; with a bundle of 0.01 CPU alone, the first epoch of a trial
+    was seen waiting forever for its read tasks. The Train workers get their
+    own placement group (:attr:`worker_cpus`).
+
+    Attributes:
+        cluster_cpus: CPUs in the cluster.
+        worker_cpus: CPUs of one trial's Train workers.
+        data_cpus: CPUs of one trial's data bundle.
+        max_concurrent: trials running at once.
+    """
+
+    cluster_cpus: float
+    worker_cpus: float
+    data_cpus: float
+    max_concurrent: int
+
+    @property
+    def trial_cpus(self) -> float:
+        """Everything one trial reserves."""
+        return TRIAL_FUNCTION_CPUS + self.data_cpus + self.worker_cpus
+
+    def trial_resources(self) -> tune.PlacementGroupFactory:
+        """The trial function's placement group: its own sliver, then the data bundle."""
+        return tune.PlacementGroupFactory([{"CPU": TRIAL_FUNCTION_CPUS}, {"CPU": self.data_cpus}])
+
+    def describe(self) -> str:
+        """One line for the plan."""
+        return (f"{self.max_concurrent} trial(s) at a time on {self.cluster_cpus:g} CPUs (per trial: "
+                f"{self.worker_cpus:g} CPU of Train workers + {self.data_cpus:g} CPU for Ray Data)")
+
+
+def plan_resources(cluster_cpus: float, workers_per_trial: int, cpus_per_worker: float, trials: int) -> ResourcePlan:
+    """Size ``max_concurrent_trials`` so every trial's workers and data tasks fit at once.
+
+    Args:
+        cluster_cpus: ``ray.cluster_resources()["CPU"]`` (or ``os.cpu_count()`` for a dry run).
+        workers_per_trial: Train workers per trial.
+        cpus_per_worker: CPUs per worker.
+        trials: the study's trial count (no point running more at once).
+
+    Returns:
+        The plan.
+
+    Raises:
+        ConfigError: one trial does not fit in the cluster, with the fix.
+    """
+    plan = ResourcePlan(cluster_cpus=cluster_cpus, worker_cpus=workers_per_trial * cpus_per_worker,
+                        data_cpus=DATA_CPUS_PER_TRIAL, max_concurrent=1)
+    if plan.trial_cpus > cluster_cpus + 1e-9:
+        room = cluster_cpus - TRIAL_FUNCTION_CPUS - DATA_CPUS_PER_TRIAL
+        raise ConfigError("resources", [
+            f"a trial needs {workers_per_trial} worker(s) x {cpus_per_worker:g} CPU + {DATA_CPUS_PER_TRIAL:g} CPU "
+            f"for Ray Data = {plan.trial_cpus:.2f} CPUs, but the cluster has {cluster_cpus:g}; fix: lower "
+            f"--workers-per-trial or --cpus-per-worker (at most {max(room / workers_per_trial, 0):.2f}), or add nodes"])
+    concurrent = max(1, min(trials, int((cluster_cpus + 1e-9) // plan.trial_cpus)))
+    return replace(plan, max_concurrent=concurrent)
+
+
+# -- the tuner -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NumberedSpace:
+    """The space's define-by-run function, also returning the Optuna trial number.
+
+    The number lands in Tune's trial config (:data:`~tuning.trainer.OPTUNA_NUMBER_KEY`),
+    which seeds the trial and ties each Tune trial to its Optuna trial.
+    A picklable object: Tune pickles it with the searcher state.
+    """
+
+    define: Callable[[optuna.trial.Trial], Any]
+
+    def __call__(self, trial: optuna.trial.Trial) -> dict[str, Any]:
+        fixed = self.define(trial) or {}
+        return {**fixed, OPTUNA_NUMBER_KEY: trial.number}
+
+
+def make_searcher(config: StudyConfig, space: SearchSpace, storage: optuna.storages.BaseStorage) -> OptunaSearch:
+    """OptunaSearch with a seeded TPE sampler, keeping the study in ``storage``.
+
+    Creating it creates (or loads) the Optuna study, so a storage problem shows here.
+    """
+    objective = config.objective_spec
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=config.tpe_startup_trials)
+    return OptunaSearch(
+        space=NumberedSpace(to_optuna(space)), metric=objective.metric, mode=objective.mode,
+        sampler=sampler, study_name=config.name, storage=storage,
+    )
+
+
+def trial_name(trial: Any) -> str:
+    """``trial-0003-1a2b3c4d``: Optuna number and Tune id (Tune's default name lists every parameter)."""
+    number = trial.config.get(OPTUNA_NUMBER_KEY)
+    return f"trial-{int(number):04d}-{trial.trial_id}" if number is not None else f"trial-{trial.trial_id}"
+
+
+def make_scheduler(config: StudyConfig) -> ASHAScheduler:
+    """ASHA on completed epochs (:data:`~tuning.trainer.EPOCHS_METRIC`), not Tune's iteration count.
+
+    Epochs survive a restarted trial function (it resumes its Train run), so
+    rungs stay correct after a worker failure or ``--resume``. A trial that
+    reaches ``max_epochs`` is left to end by itself (``stop_last_trials=False``)
+    rather than stopped: a stop kills the trial's Train controller while it
+    still shuts its workers down.
+    """
+    return ASHAScheduler(time_attr=EPOCHS_METRIC, max_t=config.max_epochs,
+                         grace_period=config.grace_period, reduction_factor=config.reduction_factor,
+                         stop_last_trials=False)
+
+
+def make_trainable(spec: TrialSpec, datasets: Mapping[str, Any], cache: FeatureCache, plan: ResourcePlan) -> Any:
+    """The trial function with its study-wide arguments bound and its placement group set."""
+    bound = tune.with_parameters(run_trial, spec=spec, datasets=dict(datasets), cache=cache)
+    return tune.with_resources(bound, plan.trial_resources())
+
+
+def build_tuner(
+    config: StudyConfig,
+    searcher: OptunaSearch,
+    trainable: Any,
+    runs: RunStorage,
+    plan: ResourcePlan,
+    callbacks: Sequence[tune.Callback] = (),
+) -> tune.Tuner:
+    """A new Tuner for the study.
+
+    Args:
+        config: the study.
+        searcher: from :func:`make_searcher`.
+        trainable: from :func:`make_trainable`.
+        runs: where the experiment and checkpoints go.
+        plan: from :func:`plan_resources`.
+        callbacks: e.g. :class:`StudyProgress`.
+
+    Returns:
+        The Tuner; ``fit()`` runs the study.
+    """
+    objective = config.objective_spec
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=objective.metric, mode=objective.mode, search_alg=searcher, scheduler=make_scheduler(config),
+            num_samples=config.trials, max_concurrent_trials=plan.max_concurrent, time_budget_s=config.time_budget_s,
+            trial_name_creator=trial_name, trial_dirname_creator=trial_name,
+            # Not reused: a trial that ASHA stops is still inside TorchTrainer.fit(), so handing its
+            # actor to the next trial fails the reset, and Tune then errors that next trial.
+            reuse_actors=False,
+        ),
+        run_config=tune.RunConfig(
+            name=config.name, storage_path=runs.path, storage_filesystem=runs.filesystem,
+            failure_config=tune.FailureConfig(max_failures=TUNE_MAX_FAILURES),
+            callbacks=list(callbacks), verbose=0,
+        ),
+    )
+
+
+def restore_tuner(config: StudyConfig, trainable: Any, runs: RunStorage) -> tune.Tuner:
+    """The Tuner of an interrupted study: finished trials stay, unfinished ones continue.
+
+    The searcher (with its Optuna study), the scheduler and the callbacks come
+    back from the experiment state; unfinished trials restart their trial
+    function, which resumes its Train run from the last checkpoint. Errored
+    trials stay errored: their failure outlived Train's own retries.
+    """
+    return tune.Tuner.restore(
+        runs.experiment_path(config.name), trainable=trainable, resume_unfinished=True, resume_errored=False,
+        storage_filesystem=runs.filesystem,
+    )
+
+
+def reconcile_optuna(storage: optuna.storages.BaseStorage, name: str, tune_numbers: set[int]) -> list[int]:
+    """Fail Optuna trials left RUNNING that no Tune trial will ever finish.
+
+    A driver killed between asking Optuna for a trial and saving Tune's
+    experiment state leaves such an orphan; marking it FAIL keeps the count of
+    finished Optuna trials equal to Tune's.
+
+    Args:
+        storage: the Optuna storage.
+        name: the study name.
+        tune_numbers: Optuna trial numbers of every Tune trial (from their configs).
+
+    Returns:
+        The numbers of the trials marked FAIL.
+    """
+    study_id = storage.get_study_id_from_name(name)
+    running = storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    orphans = [t.number for t in running if t.number not in tune_numbers]
+    for number in orphans:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+    return orphans
+
+
+# -- live progress ----------------------------------------------------------------------------
+
+
+def _short(name: str) -> str:
+    return name.split(".", 1)[-1]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+class StudyProgress(tune.Callback):
+    """One line per trial event instead of Tune's tables: start, each epoch, end.
+
+    Example lines::
+
+        [  2:41] #3 epoch 2/8  nll_km 6.41  median 18.2 km  cov 41%/86%   best 6.12 (#1)
+        [  3:05] #3 stopped by ASHA after 2 epochs (val/nll_km 6.41)
+
+    Args:
+        objective: what the study minimises.
+        trials: the study's trial count.
+        max_epochs: epochs of a full trial.
+        write: where lines go (``print`` by default).
+    """
+
+    def __init__(self, objective: Objective, trials: int, max_epochs: int, write: Callable[[str], None] = print) -> None:
+        self.objective = objective
+        self.trials = trials
+        self.max_epochs = max_epochs
+        self.write = write
+        self.started = time.monotonic()
+        self.best: tuple[float, str] | None = None
+        self.last: dict[str, dict[str, Any]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["write"] = None  # print is restored on unpickling; other sinks are not picklable
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.write = self.write or print
+        self.started = time.monotonic()
+
+    def _line(self, text: str) -> None:
+        minutes, seconds = divmod(int(time.monotonic() - self.started), 60)
+        self.write(f"[{minutes:3d}:{seconds:02d}] {text}")
+
+    @staticmethod
+    def _label(trial: Any) -> str:
+        return f"#{trial.config.get(OPTUNA_NUMBER_KEY, trial.trial_id)}"
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """Announce a trial and its parameters."""
+        params = ", ".join(f"{_short(k)}={_fmt(v)}" for k, v in trial.config.items() if k != OPTUNA_NUMBER_KEY)
+        self._line(f"{self._label(trial)} started ({len(trials)}/{self.trials}): {params}")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        """One line per validated epoch, with the best so far."""
+        self.last[trial.trial_id] = result
+        value = result.get(self.objective.metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            better = self.best is None or (value < self.best[0] if self.objective.mode == "min" else value > self.best[0])
+            if better:
+                self.best = (float(value), self._label(trial))
+        cov = (f"cov {result.get('val/coverage_1sigma', float('nan')):.0%}/"
+               f"{result.get('val/coverage_2sigma', float('nan')):.0%}")
+        best = f"best {self.best[0]:.4g} ({self.best[1]})" if self.best else ""
+        self._line(f"{self._label(trial)} epoch {int(result.get(EPOCHS_METRIC, 0))}/{self.max_epochs}  "
+                   f"{self.objective.metric.split('/')[-1]} {_fmt(value)}  "
+                   f"median {result.get('val/median_km', float('nan')):.1f} km  {cov}   {best}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """Say whether the trial ran all epochs or was stopped early."""
+        result = self.last.get(trial.trial_id, {})
+        epochs = int(result.get(EPOCHS_METRIC, 0))
+        how = "finished" if epochs >= self.max_epochs else "stopped early (ASHA or time budget)"
+        self._line(f"{self._label(trial)} {how} after {epochs} epoch(s) "
+                   f"({self.objective.metric} {_fmt(result.get(self.objective.metric))})")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """Point at the error file of a failed trial."""
+        where = getattr(trial, "error_file", None) or getattr(trial, "path", "")
+        self._line(f"{self._label(trial)} FAILED; details in {where}")
