@@ -4,7 +4,10 @@ On a fresh machine with no services this starts a local Ray (with its
 dashboard), generates the default dataset on first use, builds its feature
 cache, runs a TPE + ASHA study with one line per epoch, then prints the best
 trials and writes ``summary.json`` and Optuna's plots to the study's output
-directory. Every setting has a default in :class:`tuning.tune.StudyConfig`.
+directory. Then the best trial's checkpoint is exported to ONNX, gated
+against PyTorch on the test split, published to the models store and
+registered in MLflow (:mod:`tuning.register`; ``--no-export`` skips it). Every
+setting has a default in :class:`tuning.tune.StudyConfig`.
 
 Commands to copy::
 
@@ -33,7 +36,9 @@ flag                   environment variable          default
 ``--optuna-storage``   ``HEIMDALL_OPTUNA_STORAGE``   ``sqlite:///{data-dir}/optuna.db``
 ``--storage-path``     ``HEIMDALL_STORAGE_PATH``     ``{data-dir}/runs`` (Tune state + checkpoints)
 ``--output-dir``       ``HEIMDALL_OUTPUT_DIR``       ``{data-dir}/studies`` (summary, plots)
-``--mlflow-uri``       ``MLFLOW_TRACKING_URI``       none (recorded for the export stage)
+``--mlflow-uri``       ``MLFLOW_TRACKING_URI``       ``sqlite:///{data-dir}/mlflow.db`` (registry)
+``--models-store``     ``HEIMDALL_MODELS_STORE``     ``s3://heimdall-models`` with an S3 endpoint,
+                                                     else ``{data-dir}/models``
 ``--ray-address``      ``RAY_ADDRESS``               a new local Ray
 (S3 endpoint, keys)    ``HEIMDALL_S3_ENDPOINT``,     needed for ``s3://`` store or storage path;
                        ``AWS_ACCESS_KEY_ID``,        keys are read from the environment only
@@ -44,7 +49,9 @@ Give PostgreSQL passwords through ``PGPASSWORD``, not in URLs: the Optuna
 URL is saved with the experiment state. Exit status: 0 done, 1 a Heimdall
 error (printed as one ``error: ...`` line, before any trial when it concerns
 settings or services), 2 a usage error, 130 interrupted (resume with
-``--resume``).
+``--resume``). When the study finished but the registration could not (S3 or
+MLflow down), the exit status is 1, the export stays in
+``{output}/NAME/export`` and the error names the one command that finishes it.
 """
 from __future__ import annotations
 
@@ -53,6 +60,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import sys
 import time
@@ -71,12 +79,14 @@ from tqdm import tqdm
 
 from heimdall.catalog import Catalog, DatasetInfo
 from heimdall.datasets import VAL, SplitConfig, generate_dataset, split_assignment
-from heimdall.errors import DataError, HeimdallError, NotFoundError, collect_problems
+from heimdall.errors import DataError, HeimdallError, NotFoundError, ServiceUnavailableError, collect_problems
 from heimdall.scene import GeneratorConfig
 from heimdall.store import BlobStore
 from tuning.describe import baseline_reports
-from tuning.pipeline import ensure_feature_cache, trial_datasets
-from tuning.report import format_table, save_plots, study_counts, trial_rows, write_summary
+from tuning.pipeline import FeatureCache, ensure_feature_cache, load_cached_split, trial_datasets
+from tuning.register import RegistrySettings, export_and_register, retry_command, trial_records
+from tuning.registry import StudyRecord
+from tuning.report import TrialRow, format_table, save_plots, study_counts, trial_rows, write_summary
 from tuning.settings import DataSettings, add_data_args, data_settings
 from tuning.spaces import SearchSpace, load_space, space_summary
 from tuning.trainer import OBJECTIVES, TrialSpec
@@ -169,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--smoke-test", action="store_true",
                    help="tiny study: " + ", ".join(f"{k}={v}" for k, v in SMOKE_TEST.items()))
     m.add_argument("--resume", action="store_true", help="continue the last study (or --name) after a crash")
+    m.add_argument("--no-export", action="store_true",
+                   help="stop after the study: do not export, gate, publish and register the best trial")
     m.add_argument("--verbose", action="store_true", help="show Ray's and the workers' logs")
     add_data_args(parser)
     c = parser.add_argument_group("services (flags override environment variables)")
@@ -178,7 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
                                           "[HEIMDALL_STORAGE_PATH, {data-dir}/runs]")
     c.add_argument("--output-dir", type=Path, help="summary and plots go to OUTPUT_DIR/NAME "
                                                    "[HEIMDALL_OUTPUT_DIR, {data-dir}/studies]")
-    c.add_argument("--mlflow-uri", help="MLflow tracking URI, recorded for the export stage [MLFLOW_TRACKING_URI]")
+    c.add_argument("--mlflow-uri", help="MLflow tracking URI of the registry "
+                                        "[MLFLOW_TRACKING_URI, sqlite:///{data-dir}/mlflow.db]")
+    c.add_argument("--models-store", help="where releases are published: a directory or s3://heimdall-models "
+                                          "[HEIMDALL_MODELS_STORE; s3://heimdall-models when an S3 endpoint is set; "
+                                          "{data-dir}/models]")
     c.add_argument("--ray-address", help="join this Ray cluster instead of starting one [RAY_ADDRESS]")
     return parser
 
@@ -211,6 +227,7 @@ class Locations:
     output_root: Path
     mlflow_uri: str | None
     ray_address: str | None
+    models_store: str | None = None
 
 
 def locations(args: argparse.Namespace) -> Locations:
@@ -223,6 +240,7 @@ def locations(args: argparse.Namespace) -> Locations:
         output_root=(args.output_dir or Path(os.environ.get("HEIMDALL_OUTPUT_DIR") or data.data_dir / "studies")).resolve(),
         mlflow_uri=args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"),
         ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"),
+        models_store=args.models_store,
     )
 
 
@@ -271,14 +289,16 @@ class Connections:
     optuna: optuna.storages.BaseStorage
     runs: RunStorage
     dataset: DatasetInfo | None  # None: it will be generated
+    registry: RegistrySettings | None = None  # None: no export stage (--no-export)
 
     def close(self) -> None:
         """Close the catalogue connection."""
         self.catalog.close()
 
 
-def connect(config: StudyConfig, where: Locations, *, resume: bool) -> Connections:
-    """Open and check the catalogue, the store, the Optuna storage and the run storage.
+def connect(config: StudyConfig, where: Locations, *, resume: bool, export: bool = True) -> Connections:
+    """Open and check the catalogue, the store, the Optuna storage, the run storage and (``export``)
+    the models store and MLflow, so a service that is down stops the study before it starts.
 
     Raises:
         ServiceUnavailableError: a service cannot be reached.
@@ -296,7 +316,27 @@ def connect(config: StudyConfig, where: Locations, *, resume: bool) -> Connectio
         check_resumable(runs, config.name)
     else:
         check_new_study(optuna_storage, runs, config.name)
-    return Connections(catalog=catalog, store=store, optuna=optuna_storage, runs=runs, dataset=dataset)
+    registry = check_registry(where) if export else None
+    return Connections(catalog=catalog, store=store, optuna=optuna_storage, runs=runs, dataset=dataset,
+                       registry=registry)
+
+
+def check_registry(where: Locations) -> RegistrySettings:
+    """Resolve and reach the models store and MLflow (a server must answer ``/health``).
+
+    Raises:
+        ServiceUnavailableError: either is down, naming ``--no-export`` as the way to tune without them.
+    """
+    from heimdall.store import open_store
+
+    settings = RegistrySettings.resolve(where.data.data_dir, where.mlflow_uri, where.models_store)
+    try:
+        open_store(settings.models_store).list("localization-v")
+        settings.registry()
+    except ServiceUnavailableError as exc:
+        raise ServiceUnavailableError(f"{exc}\n(the best trial is registered at the end of the study; to tune "
+                                      f"without a registry, add --no-export)") from None
+    return settings
 
 
 def _dataset_info(catalog: Catalog, name: str) -> DatasetInfo | None:
@@ -314,8 +354,8 @@ def _dataset_info(catalog: Catalog, name: str) -> DatasetInfo | None:
 
 
 def describe_plan(config: StudyConfig, space: SearchSpace, where: Locations, conn: Connections,
-                  plan: ResourcePlan, *, resume: bool) -> str:
-    """The study as it will run, one setting per line."""
+                  plan: ResourcePlan, *, resume: bool, registry: RegistrySettings | None = None) -> str:
+    """The study as it will run, one setting per line (``registry`` None: no export stage)."""
     o = config.objective_spec
     info = conn.dataset
     if info is None:
@@ -339,7 +379,8 @@ def describe_plan(config: StudyConfig, space: SearchSpace, where: Locations, con
         ("runs", f"{conn.runs.describe()}/{config.name}"),
         ("output", str(where.output_root / config.name)),
         ("ray", where.ray_address or "a new local Ray (dashboard on)"),
-        ("mlflow", where.mlflow_uri or "not set (export stage)"),
+        ("registry", f"{registry.mlflow_uri} (MLflow); releases to {registry.models_store}"
+                     if registry else "off (--no-export)"),
     ]
     return "\n".join(f"  {k:10s} {v}" for k, v in rows)
 
@@ -456,8 +497,11 @@ def run_study(config: StudyConfig, space: SearchSpace, where: Locations, conn: C
                                            *callbacks])
         started = time.monotonic()
         results = tuner.fit()
-        return _summarise(config, where, conn, results, out_dir, baselines(conn, info, split),
-                          time.monotonic() - started)
+        code, rows, plots = _summarise(config, where, conn, results, out_dir, baselines(conn, info, split),
+                                       time.monotonic() - started)
+        if code != 0 or conn.registry is None:
+            return code
+        return export_best(config, space, conn, results, rows, plots, cache, out_dir)
     finally:
         if started_ray:
             ray.shutdown()
@@ -470,7 +514,8 @@ def _save_study(out_dir: Path, where: Locations, config: StudyConfig) -> None:
 
 
 def _summarise(config: StudyConfig, where: Locations, conn: Connections, results: Any, out_dir: Path,
-               base: dict[str, dict[str, float]], seconds: float) -> int:
+               base: dict[str, dict[str, float]], seconds: float) -> tuple[int, list[TrialRow], dict[str, str]]:
+    """Print the table, save plots and ``summary.json``. Returns (exit status, rows best first, plots)."""
     objective = config.objective_spec
     rows = trial_rows(results, objective, config.max_epochs)
     orphans = reconcile_optuna(conn.optuna, config.name, {r.number for r in rows if r.number is not None})
@@ -499,8 +544,93 @@ def _summarise(config: StudyConfig, where: Locations, conn: Connections, results
     if not any(r.value is not None for r in rows):
         print(f"error: no trial reported a result; see the trial logs under {conn.runs.experiment_path(config.name)}",
               file=sys.stderr)
-        return 1
+        return 1, rows, plots
+    return 0, rows, plots
+
+
+# -- the export stage --------------------------------------------------------------------------------
+
+
+def best_checkpoint(rows: Sequence[TrialRow], runs: RunStorage, dest: Path) -> tuple[TrialRow, Path]:
+    """Copy the best trial's best checkpoint out of the run storage into ``dest``.
+
+    Returns:
+        The trial's row and the checkpoint file.
+
+    Raises:
+        NotFoundError: no trial has a checkpoint, or the storage lost it.
+    """
+    candidates = [r for r in rows if r.value is not None and r.checkpoint_path]
+    if not candidates:
+        raise NotFoundError("no trial of the study saved a checkpoint, so there is nothing to export; fix: run "
+                            "at least one full epoch (check --max-epochs and --time-budget)")
+    best = candidates[0]  # rows are sorted best first
+    from ray.train import Checkpoint
+    from ray.train.lightning import RayTrainReportCallback
+
+    shutil.rmtree(dest, ignore_errors=True)
+    try:
+        Checkpoint(best.checkpoint_path, filesystem=runs.filesystem).to_directory(str(dest))
+    except (OSError, FileNotFoundError) as exc:
+        raise NotFoundError(f"the best trial's checkpoint {best.checkpoint_path} cannot be read from "
+                            f"{runs.describe()}: {exc}; fix: check the run storage") from None
+    path = dest / RayTrainReportCallback.CHECKPOINT_NAME
+    if not path.is_file():
+        raise NotFoundError(f"the best trial's checkpoint {best.checkpoint_path} holds no "
+                            f"{RayTrainReportCallback.CHECKPOINT_NAME}; fix: check the run storage")
+    return best, path
+
+
+def export_best(config: StudyConfig, space: SearchSpace, conn: Connections, results: Any, rows: Sequence[TrialRow],
+                plots: dict[str, str], cache: FeatureCache, out_dir: Path) -> int:
+    """Export the best trial to ONNX, gate it, publish it and register it (:mod:`tuning.register`).
+
+    The export directory is written first, so a registry that fails now
+    loses nothing: the error names the command that finishes the job.
+    """
+    from tuning.export import data_lineage
+    from tuning.spaces import build_configs
+
+    export_dir = out_dir / "export"
+    best, checkpoint = best_checkpoint(rows, conn.runs, out_dir / "best-checkpoint")
+    print(f"\nexport:    best trial #{best.number} (epoch {best.best_epoch}) → ONNX, parity gate on the test split, "
+          f"models store, MLflow")
+    splits = {s: load_cached_split(cache, conn.store, s) for s in ("val", "test")}
+    info = conn.catalog.get_dataset(config.dataset)
+    statuses = {r.trial_id: r.status for r in rows}
+    study = StudyRecord(
+        config.name, tuple(trial_records(results, statuses)), best_trial_id=best.trial_id,
+        objective=config.objective_spec.metric, plots=tuple(plots.values()),
+        seeds={"sampler": config.seed, "trial": f"{config.seed} + Optuna trial number", "best_trial": config.seed
+               + (best.number or 0), "dataset": info.seed, "split": "splitmix64 of recording_id"},
+    )
+    try:
+        result = export_and_register(
+            checkpoint, splits, out_dir=export_dir, study=study, settings=conn.registry, space=space,
+            lineage=data_lineage(conn.catalog, config.dataset), expected=build_configs(space, best.params),
+            feature_config=cache.feature_config,
+            generator_config=info.config if info.kind == "synthetic" else None)
+    except ServiceUnavailableError as exc:  # the export is on disk: registration can be finished later
+        _record_export(out_dir, {"status": "pending", "export_dir": str(export_dir), "error": str(exc),
+                                 "retry": retry_command(export_dir, conn.registry)})
+        raise
+    except HeimdallError as exc:  # checkpoint/config mismatch, exporter failure, parity gate
+        _record_export(out_dir, {"status": "refused", "export_dir": str(export_dir), "error": str(exc)})
+        raise
+    pub = result.publication
+    print(f"release:   v{pub.version} {'(already released) ' if pub.reused else ''}{pub.model_key} in {pub.store}")
+    print(f"mlflow:    heimdall-localization version {result.mlflow_version} at {conn.registry.mlflow_uri}")
+    print(f"champion:  {'yes' if result.champion else 'no'}: {result.comparison['reason']}")
+    _record_export(out_dir, {"status": "registered", **result.to_dict()})
     return 0
+
+
+def _record_export(out_dir: Path, export: dict[str, Any]) -> None:
+    """Add the export stage's outcome to ``summary.json``."""
+    path = out_dir / "summary.json"
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    summary["export"] = export
+    write_summary(out_dir, summary)
 
 
 # -- entry point -------------------------------------------------------------------------------------
@@ -532,10 +662,11 @@ def _run(args: argparse.Namespace, callbacks: Sequence[tune.Callback]) -> int:
     config = study_config(args, where)
     space = load_space(config.space)
     _check_space_budget(space)
-    conn = connect(config, where, resume=args.resume)
+    conn = connect(config, where, resume=args.resume, export=not args.no_export)
     try:
         plan = plan_resources(float(os.cpu_count() or 1), config.workers_per_trial, config.cpus_per_worker, config.trials)
-        print("Heimdall Tune: plan\n" + describe_plan(config, space, where, conn, plan, resume=args.resume))
+        print("Heimdall Tune: plan\n" + describe_plan(config, space, where, conn, plan, resume=args.resume,
+                                                                registry=conn.registry))
         if args.dry_run:
             print("\n" + space_summary(space))
             print("\ndry run: everything checked; no Ray started, no trial run")

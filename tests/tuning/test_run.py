@@ -117,6 +117,17 @@ def test_unreachable_postgresql_is_one_clear_error_before_any_trial(
     assert time.monotonic() - started < 60
 
 
+def test_unreachable_mlflow_server_stops_the_study_before_it_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"http://127.0.0.1:{_closed_port()}"
+    code = main(["--smoke-test", "--mlflow-uri", url, "--data-dir", str(tmp_path), "--name", "no-mlflow"])
+    out = capsys.readouterr()
+    assert code == 1
+    assert out.err.count("error:") == 1 and url in out.err and "--no-export" in out.err, out.err
+    assert "ray:" not in out.out
+
+
 def test_dry_run_prints_the_plan_and_the_space(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--space", "resnet", "--dry-run", "--data-dir", str(tmp_path), "--name", "plan"]) == 0
     out = capsys.readouterr().out
@@ -148,7 +159,7 @@ def test_tiny_study_keeps_its_study_in_postgresql_and_checkpoints_in_s3(
     code = main([
         "--smoke-test", "--recordings", "64", "--dataset", name, "--name", name, "--data-dir", str(tmp_path),
         "--catalog", postgres_url, "--store", f"{base}/store", "--optuna-storage", postgres_url,
-        "--storage-path", f"{base}/runs",
+        "--storage-path", f"{base}/runs", "--models-store", f"{base}/models",
     ])
     out, err = capsys.readouterr()
     assert code == 0, out + err
@@ -168,6 +179,27 @@ def test_tiny_study_keeps_its_study_in_postgresql_and_checkpoints_in_s3(
     for plot in summary["plots"].values():
         assert plot.endswith(".png") and Path(plot).stat().st_size > 0
     assert "best trials by val/nll_km" in out and "centre" in out
+
+    # The export stage: the best trial's checkpoint, gated, released to the models store, registered in MLflow.
+    export = summary["export"]
+    assert export["status"] == "registered" and export["champion"] is True, export
+    assert export["publication"]["model_key"] == "localization-v0.1.0.onnx"
+    assert {"models/localization-v0.1.0.onnx", "models/localization-v0.1.0.json"} <= set(s3_env.list("models/"))
+    card = json.loads((tmp_path / "studies" / name / "export" / "model_card.json").read_text())
+    assert card["study"]["best_trial_id"] == summary["best"]["trial_id"]
+    assert card["study"]["n_trials"] == 2
+    runs = mlflow_runs(tmp_path / "mlflow.db", name)  # one run per trial, named by Tune's trial id
+    assert sorted(runs) == sorted(r["trial_id"] for r in summary["trials"]), runs
+
+
+def mlflow_runs(db: Path, experiment: str) -> list[str]:
+    """Run names of an MLflow experiment in a SQLite tracking store."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no MLflow experiment {experiment!r}"
+    return [r.info.run_name for r in client.search_runs([found.experiment_id])]
 
 
 def _count_states(study: optuna.Study) -> dict[str, int]:
