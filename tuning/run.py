@@ -93,6 +93,8 @@ from tuning.trainer import OBJECTIVES, TrialSpec
 from tuning.tune import (
     SMOKE_TEST,
     ResourcePlan,
+    STUDY_FILES,
+    WORKER_GROUP_START_TIMEOUT_S,
     RunStorage,
     StudyConfig,
     StudyProgress,
@@ -172,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers-per-trial", type=_positive_int,
                    help=f"Train workers (DDP processes) per trial [{d.workers_per_trial}]")
     s.add_argument("--cpus-per-worker", type=_positive_float, help=f"CPUs per Train worker [{d.cpus_per_worker:g}]")
+    s.add_argument("--grace-period", type=_positive_int,
+                   help=f"epochs every trial runs before ASHA may stop it [{d.grace_period}]")
+    s.add_argument("--max-concurrent", type=_positive_int,
+                   help="at most this many trials at once [as many as the cluster's CPUs fit]; on a cluster, "
+                        "size it so that one node fewer still fits them")
     s.add_argument("--name", help="study name (Optuna study, Tune experiment, output folder) [space-objective-time]")
     m = parser.add_argument_group("mode")
     m.add_argument("--dry-run", action="store_true",
@@ -203,6 +210,7 @@ _STUDY_FLAGS = {  # flag attribute -> StudyConfig field
     "space": "space", "dataset": "dataset", "recordings": "dataset_recordings", "trials": "trials",
     "max_epochs": "max_epochs", "seed": "seed", "objective": "objective",
     "workers_per_trial": "workers_per_trial", "cpus_per_worker": "cpus_per_worker",
+    "max_concurrent": "max_concurrent", "grace_period": "grace_period",
 }
 
 
@@ -254,11 +262,7 @@ def study_config(args: argparse.Namespace, where: Locations) -> StudyConfig:
     given = _given(args)
     if args.resume:
         name = args.name or _latest(where.output_root)
-        path = where.output_root / name / "study.json"
-        if not path.is_file():
-            raise NotFoundError(f"no saved study {name!r} to resume ({path} is missing); fix: check --name and "
-                                f"--output-dir / --data-dir, or start the study without --resume")
-        config = StudyConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        config = StudyConfig.from_dict(json.loads(_saved_study(where, name)))
         ignored = sorted(k for k, v in given.items() if getattr(config, k) != v)
         if ignored:
             print(f"note: --resume keeps the study's own settings; ignoring {', '.join(ignored)}")
@@ -268,6 +272,20 @@ def study_config(args: argparse.Namespace, where: Locations) -> StudyConfig:
     smoke = "smoke-" if args.smoke_test else ""
     name = args.name or f"{space}-{fields.get('objective', StudyConfig.objective)}-{smoke}{datetime.now():%Y%m%d-%H%M%S}"
     return StudyConfig(name=name, **fields)
+
+
+def _saved_study(where: Locations, name: str) -> str:
+    """``study.json`` of study ``name``: from the output directory, else from the run storage
+    (a cluster job's output directory does not outlive the job)."""
+    path = where.output_root / name / "study.json"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    saved = open_run_storage(where.storage_url).read_file(name, "study.json")
+    if saved is None:
+        raise NotFoundError(f"no saved study {name!r} to resume ({path} is missing, and so is study.json in the run "
+                            f"storage {where.storage_url}); fix: check --name, --storage-path and --output-dir / "
+                            f"--data-dir, or start the study without --resume")
+    return saved.decode("utf-8")
 
 
 def _latest(output_root: Path) -> str:
@@ -423,8 +441,12 @@ def start_ray(address: str | None, verbose: bool) -> bool:
 
 
 def _ray_address_env(address: str) -> dict[str, Any]:
-    """Job runtime env giving every worker the cluster address (``ray://`` client addresses excepted)."""
-    return {} if "://" in address else {"env_vars": {"RAY_ADDRESS": address}}
+    """Job runtime env: every worker gets the cluster address (``ray://`` client addresses excepted)
+    and Train's worker-group start timeout (:data:`tuning.tune.WORKER_GROUP_START_TIMEOUT_S`)."""
+    env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(WORKER_GROUP_START_TIMEOUT_S)}
+    if "://" not in address:
+        env["RAY_ADDRESS"] = address
+    return {"env_vars": env}
 
 
 def _init_local_ray(kwargs: dict[str, Any]) -> Any:
@@ -481,7 +503,7 @@ def run_study(config: StudyConfig, space: SearchSpace, where: Locations, conn: C
         split = SplitConfig()
         cache = ensure_feature_cache(conn.catalog, conn.store, config.dataset, split=split)
         plan = plan_resources(ray.cluster_resources().get("CPU", 1.0), config.workers_per_trial,
-                              config.cpus_per_worker, config.trials)
+                              config.cpus_per_worker, config.trials, config.max_concurrent)
         spec = TrialSpec(space=space, objective=config.objective_spec, max_epochs=config.max_epochs, seed=config.seed,
                          train_storage=conn.runs.train_path(config.name), storage_filesystem=conn.runs.filesystem,
                          workers_per_trial=config.workers_per_trial, cpus_per_worker=config.cpus_per_worker,
@@ -491,7 +513,7 @@ def run_study(config: StudyConfig, space: SearchSpace, where: Locations, conn: C
         if resume:
             tuner = restore_tuner(config, trainable, conn.runs)
         else:
-            _save_study(out_dir, where, config)
+            _save_study(out_dir, where, conn.runs, config)
             tuner = build_tuner(config, make_searcher(config, space, conn.optuna), trainable, conn.runs, plan,
                                 callbacks=[StudyProgress(config.objective_spec, config.trials, config.max_epochs),
                                            *callbacks])
@@ -507,9 +529,11 @@ def run_study(config: StudyConfig, space: SearchSpace, where: Locations, conn: C
             ray.shutdown()
 
 
-def _save_study(out_dir: Path, where: Locations, config: StudyConfig) -> None:
+def _save_study(out_dir: Path, where: Locations, runs: RunStorage, config: StudyConfig) -> None:
+    text = json.dumps(config.to_dict(), indent=2) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "study.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+    (out_dir / "study.json").write_text(text, encoding="utf-8")
+    runs.write_file(config.name, "study.json", text.encode("utf-8"))
     (where.output_root / LATEST).write_text(config.name + "\n", encoding="utf-8")
 
 
@@ -535,7 +559,8 @@ def _summarise(config: StudyConfig, where: Locations, conn: Connections, results
         "baselines": base, "plots": plots,
     }
     path = write_summary(out_dir, summary)
-    print(f"\nsummary:   {path}")
+    _keep_in_run_storage(conn.runs, config.name, [path, *map(Path, plots.values())])
+    print(f"\nsummary:   {path} (a copy in {conn.runs.experiment_path(config.name)}/{STUDY_FILES})")
     for name, where_ in plots.items():
         print(f"plot:      {name}: {where_}")
     if orphans:
@@ -546,6 +571,12 @@ def _summarise(config: StudyConfig, where: Locations, conn: Connections, results
               file=sys.stderr)
         return 1, rows, plots
     return 0, rows, plots
+
+
+def _keep_in_run_storage(runs: RunStorage, name: str, files: Sequence[Path]) -> None:
+    """Copy the study's summary and plots next to its Tune state (shared storage on a cluster)."""
+    for f in files:
+        runs.write_file(name, f.name, f.read_bytes())
 
 
 # -- the export stage --------------------------------------------------------------------------------
@@ -611,26 +642,28 @@ def export_best(config: StudyConfig, space: SearchSpace, conn: Connections, resu
             feature_config=cache.feature_config,
             generator_config=info.config if info.kind == "synthetic" else None)
     except ServiceUnavailableError as exc:  # the export is on disk: registration can be finished later
-        _record_export(out_dir, {"status": "pending", "export_dir": str(export_dir), "error": str(exc),
-                                 "retry": retry_command(export_dir, conn.registry)})
+        _record_export(out_dir, conn.runs, config.name, {
+            "status": "pending", "export_dir": str(export_dir), "error": str(exc),
+            "retry": retry_command(export_dir, conn.registry)})
         raise
     except HeimdallError as exc:  # checkpoint/config mismatch, exporter failure, parity gate
-        _record_export(out_dir, {"status": "refused", "export_dir": str(export_dir), "error": str(exc)})
+        _record_export(out_dir, conn.runs, config.name,
+                       {"status": "refused", "export_dir": str(export_dir), "error": str(exc)})
         raise
     pub = result.publication
     print(f"release:   v{pub.version} {'(already released) ' if pub.reused else ''}{pub.model_key} in {pub.store}")
     print(f"mlflow:    heimdall-localization version {result.mlflow_version} at {conn.registry.mlflow_uri}")
     print(f"champion:  {'yes' if result.champion else 'no'}: {result.comparison['reason']}")
-    _record_export(out_dir, {"status": "registered", **result.to_dict()})
+    _record_export(out_dir, conn.runs, config.name, {"status": "registered", **result.to_dict()})
     return 0
 
 
-def _record_export(out_dir: Path, export: dict[str, Any]) -> None:
-    """Add the export stage's outcome to ``summary.json``."""
+def _record_export(out_dir: Path, runs: RunStorage, name: str, export: dict[str, Any]) -> None:
+    """Add the export stage's outcome to ``summary.json`` (and its copy in the run storage)."""
     path = out_dir / "summary.json"
     summary = json.loads(path.read_text(encoding="utf-8"))
     summary["export"] = export
-    write_summary(out_dir, summary)
+    _keep_in_run_storage(runs, name, [write_summary(out_dir, summary)])
 
 
 # -- entry point -------------------------------------------------------------------------------------
@@ -664,7 +697,8 @@ def _run(args: argparse.Namespace, callbacks: Sequence[tune.Callback]) -> int:
     _check_space_budget(space)
     conn = connect(config, where, resume=args.resume, export=not args.no_export)
     try:
-        plan = plan_resources(float(os.cpu_count() or 1), config.workers_per_trial, config.cpus_per_worker, config.trials)
+        plan = plan_resources(float(os.cpu_count() or 1), config.workers_per_trial, config.cpus_per_worker,
+                              config.trials, config.max_concurrent)
         print("Heimdall Tune: plan\n" + describe_plan(config, space, where, conn, plan, resume=args.resume,
                                                                 registry=conn.registry))
         if args.dry_run:

@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -310,7 +312,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     Args:
         config: ``{"spec": TrialSpec, "params": flat parameters, "seed": int,
-            "cache": FeatureCache}`` as :func:`run_trial` builds it.
+            "cache": FeatureCache, "trial_id": Tune's trial id}`` as :func:`run_trial` builds it.
     """
     _quiet_lightning()
     spec: TrialSpec = config["spec"]
@@ -327,6 +329,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val = RayBatches(ray.train.get_dataset_shard("val"), spec.eval_batch_size, shuffle=False,
                      seed=0, n_rows=cache.counts["val"] // world)
     checkpoint = ray.train.get_checkpoint()
+    _announce(config.get("trial_id"), checkpoint)
     if checkpoint is None:
         trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
         return
@@ -335,6 +338,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ckpt = Path(directory) / RayTrainReportCallback.CHECKPOINT_NAME
         trainer.fit(module, train_dataloaders=train, val_dataloaders=val, ckpt_path=str(ckpt))
     metrics.report_if_silent()
+
+
+def _announce(trial_id: str | None, checkpoint: ray.train.Checkpoint | None) -> None:
+    """One line in the worker's log (dashboard → Logs, or ``worker-*.out`` on its node): which
+    trial, which rank, which node, and whether it starts fresh or resumes from a checkpoint."""
+    ctx = ray.train.get_context()
+    how = f"resuming from {checkpoint.path}" if checkpoint is not None else "starting from scratch"
+    print(f"{datetime.now().isoformat(timespec='milliseconds')} heimdall: trial {trial_id} rank "
+          f"{ctx.get_world_rank()}/{ctx.get_world_size()} on node {ray.get_runtime_context().get_node_id()} "
+          f"pid {os.getpid()}: {how}", flush=True)
 
 
 # -- trial side (one Tune trial = one Train run) ---------------------------------------
@@ -387,7 +400,8 @@ def run_trial(
     seed = spec.seed + int(config.get(OPTUNA_NUMBER_KEY, 0))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec, "params": params, "seed": seed, "cache": cache},
+        train_loop_config={"spec": spec, "params": params, "seed": seed, "cache": cache,
+                           "trial_id": tune.get_context().get_trial_id()},
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.workers_per_trial, resources_per_worker={"CPU": spec.cpus_per_worker}
         ),

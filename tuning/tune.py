@@ -25,6 +25,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -66,12 +67,21 @@ __all__ = [
 
 #: CPU share Tune reserves for each trial function: it only waits on its TorchTrainer.
 TRIAL_FUNCTION_CPUS = 0.01
-#: CPUs per trial for its Ray Data read tasks (tuning.pipeline runs at most READ_CONCURRENCY at once).
+#: CPUs per trial for its Ray Data read tasks (tuning.pipeline runs at most READ_CONCURRENCY at
+#: once), counted in the plan but not reserved (see ResourcePlan).
 DATA_CPUS_PER_TRIAL = READ_CONCURRENCY * READ_NUM_CPUS
-#: Tune-level retries of a trial function whose Train run failed for good. Train
-#: already restarts dead workers (StudyConfig.max_failures); retrying the whole
-#: run again would mostly repeat deterministic errors, at a worker-group start each.
-TUNE_MAX_FAILURES = 0
+#: How long a trial's Train run waits for its worker group's resources (Ray's default is
+#: 60 s). After a node is lost, trials whose workers no longer fit wait for running ones
+#: to finish instead of failing at once (see docs/cluster.md, "Losing a node").
+WORKER_GROUP_START_TIMEOUT_S = 600
+#: Tune-level retries of a trial function. Train already restarts dead workers
+#: (StudyConfig.max_failures), but on a cluster a lost node also kills the trial
+#: functions and Train controllers it hosted; one retry restarts the trial
+#: function, whose new Train run of the same name resumes from the last
+#: checkpoint in shared storage. More would mostly repeat deterministic errors.
+TUNE_MAX_FAILURES = 1
+#: Folder of the study's own files inside its Tune experiment (see RunStorage.write_file).
+STUDY_FILES = "heimdall"
 #: PostgreSQL connect timeout (s): an unreachable server fails fast, not after minutes.
 PG_CONNECT_TIMEOUT_S = 5
 
@@ -97,6 +107,8 @@ class StudyConfig:
         reduction_factor: ASHA keeps the best 1/reduction_factor at each rung.
         max_failures: Train worker-group restarts per trial (finite).
         tpe_startup_trials: random trials before TPE models the results.
+        max_concurrent: at most this many trials at once (None: as many as the cluster's CPUs
+            fit, see :func:`plan_resources`); on a cluster, size it for one node fewer.
     """
 
     name: str
@@ -115,6 +127,7 @@ class StudyConfig:
     reduction_factor: int = 3
     max_failures: int = 2
     tpe_startup_trials: int = 3
+    max_concurrent: int | None = None
 
     def __post_init__(self) -> None:
         p: list[str] = []
@@ -136,6 +149,8 @@ class StudyConfig:
             p.append(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if not (isinstance(self.max_failures, int) and self.max_failures >= 0):
             p.append(f"max_failures must be an integer >= 0 (-1 would retry forever), got {self.max_failures!r}")
+        if self.max_concurrent is not None and not (isinstance(self.max_concurrent, int) and self.max_concurrent >= 1):
+            p.append(f"max_concurrent must be an integer >= 1 (or None: as many as fit), got {self.max_concurrent!r}")
         if not (isinstance(self.tpe_startup_trials, int) and self.tpe_startup_trials >= 1):
             p.append(f"tpe_startup_trials must be an integer >= 1, got {self.tpe_startup_trials!r}")
         collect_problems("study settings", p)
@@ -197,6 +212,33 @@ class RunStorage:
     def describe(self) -> str:
         """Say where it is, without credentials."""
         return self.url
+
+    def write_file(self, name: str, relative: str, data: bytes) -> str:
+        """Write ``data`` to ``{experiment of name}/heimdall/{relative}``; returns that path.
+
+        The study's own files (``study.json``, summary, plots) are kept next to
+        Tune's state, so a study run as a cluster job can be resumed and read
+        from shared storage after the job's working directory is gone.
+        """
+        path = f"{self.experiment_path(name)}/{STUDY_FILES}/{relative}"
+        if self.filesystem is None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_bytes(data)
+        else:
+            with self.filesystem.open_output_stream(path) as out:
+                out.write(data)
+        return path
+
+    def read_file(self, name: str, relative: str) -> bytes | None:
+        """The bytes :meth:`write_file` wrote, or None if there are none."""
+        path = f"{self.experiment_path(name)}/{STUDY_FILES}/{relative}"
+        if self.filesystem is None:
+            return Path(path).read_bytes() if Path(path).is_file() else None
+        try:
+            with self.filesystem.open_input_stream(path) as src:
+                return src.read()
+        except (FileNotFoundError, OSError):
+            return None
 
 
 def open_run_storage(url: str, s3: S3Settings | None = None) -> RunStorage:
@@ -298,18 +340,20 @@ def check_resumable(runs: RunStorage, name: str) -> None:
 class ResourcePlan:
     """How a study uses the cluster's CPUs.
 
-    Each trial reserves a placement group of two bundles: a sliver for the
-    trial function and :attr:`data_cpus` for its Ray Data read tasks. Tune
-    schedules trial actors with ``placement_group_capture_child_tasks``, so
-    the TorchTrainer's controller and its dataset split coordinators land in
-    that group; with a bundle of 0.01 CPU alone, the first epoch of a trial
-    was seen waiting forever for its read tasks. The Train workers get their
-    own placement group (:attr:`worker_cpus`).
+    A trial reserves a sliver of CPU for its trial function (Tune's placement
+    group; the TorchTrainer's controller, 0 CPU, lands there too) and its Train
+    workers' CPUs (Train's own placement group, :attr:`worker_cpus`). Its Ray
+    Data read tasks run outside both: Train's dataset manager is pinned to a
+    node by affinity and Ray Data schedules its tasks with SPREAD, so a CPU
+    bundle reserved for them would never be used, and reads that find every
+    CPU reserved wait forever (seen after a node loss). So :attr:`data_cpus`
+    per trial is left *unreserved*: :func:`plan_resources` counts it when it
+    sizes ``max_concurrent_trials``, and it stays free for the reads.
 
     Attributes:
         cluster_cpus: CPUs in the cluster.
         worker_cpus: CPUs of one trial's Train workers.
-        data_cpus: CPUs of one trial's data bundle.
+        data_cpus: CPUs one trial's Ray Data reads need, left unreserved.
         max_concurrent: trials running at once.
     """
 
@@ -320,12 +364,12 @@ class ResourcePlan:
 
     @property
     def trial_cpus(self) -> float:
-        """Everything one trial reserves."""
+        """Everything one trial uses: reserved (function, workers) and not (reads)."""
         return TRIAL_FUNCTION_CPUS + self.data_cpus + self.worker_cpus
 
     def trial_resources(self) -> tune.PlacementGroupFactory:
-        """The trial function's placement group: its own sliver, then the data bundle."""
-        return tune.PlacementGroupFactory([{"CPU": TRIAL_FUNCTION_CPUS}, {"CPU": self.data_cpus}])
+        """The trial function's placement group: one sliver (the reads' CPUs stay unreserved)."""
+        return tune.PlacementGroupFactory([{"CPU": TRIAL_FUNCTION_CPUS}])
 
     def describe(self) -> str:
         """One line for the plan."""
@@ -333,13 +377,15 @@ class ResourcePlan:
                 f"{self.worker_cpus:g} CPU of Train workers + {self.data_cpus:g} CPU for Ray Data)")
 
 
-def plan_resources(cluster_cpus: float, workers_per_trial: int, cpus_per_worker: float, trials: int) -> ResourcePlan:
+def plan_resources(cluster_cpus: float, workers_per_trial: int, cpus_per_worker: float, trials: int,
+                   max_concurrent: int | None = None) -> ResourcePlan:
     """Size ``max_concurrent_trials`` so every trial's workers and data tasks fit at once.
 
     Args:
         cluster_cpus: ``ray.cluster_resources()["CPU"]`` (or ``os.cpu_count()`` for a dry run).
         workers_per_trial: Train workers per trial.
         cpus_per_worker: CPUs per worker.
+        max_concurrent: an upper bound set by the user (None: as many as fit).
         trials: the study's trial count (no point running more at once).
 
     Returns:
@@ -356,7 +402,7 @@ def plan_resources(cluster_cpus: float, workers_per_trial: int, cpus_per_worker:
             f"a trial needs {workers_per_trial} worker(s) x {cpus_per_worker:g} CPU + {DATA_CPUS_PER_TRIAL:g} CPU "
             f"for Ray Data = {plan.trial_cpus:.2f} CPUs, but the cluster has {cluster_cpus:g}; fix: lower "
             f"--workers-per-trial or --cpus-per-worker (at most {max(room / workers_per_trial, 0):.2f}), or add nodes"])
-    concurrent = max(1, min(trials, int((cluster_cpus + 1e-9) // plan.trial_cpus)))
+    concurrent = max(1, min(trials, int((cluster_cpus + 1e-9) // plan.trial_cpus), max_concurrent or trials))
     return replace(plan, max_concurrent=concurrent)
 
 

@@ -69,6 +69,7 @@ def test_two_cores_run_one_trial_at_a_time_and_leave_cpus_for_data() -> None:
     assert plan.trial_cpus <= 2.0 and plan.data_cpus == DATA_CPUS_PER_TRIAL
     assert plan_resources(16.0, 1, 1.0, trials=12).max_concurrent == 10
     assert plan_resources(16.0, 1, 1.0, trials=3).max_concurrent == 3
+    assert plan_resources(16.0, 1, 1.0, trials=12, max_concurrent=4).max_concurrent == 4
 
 
 def test_durations_and_study_settings_are_validated() -> None:
