@@ -21,6 +21,7 @@ the objective noisy, so differences between seeds are large.
 Commands::
 
     python bench/bench_tune.py overhead --recordings 2000 --epochs 3 --trials 2
+    python bench/bench_tune.py overhead --default-study --data-dir /tmp/fresh   # the default study, timed
     python bench/bench_tune.py search --recordings 600 --epochs 4 --trials 8 --seeds 0 1 2
 """
 from __future__ import annotations
@@ -83,10 +84,17 @@ def overhead(args: argparse.Namespace) -> None:
     """Run a small real study and split each trial's wall time into overhead and epochs."""
     timing = TrialTiming()
     name = f"bench-overhead-{time.strftime('%Y%m%d-%H%M%S')}"
-    argv = ["--space", args.space, "--dataset", f"bench-{args.recordings}", "--recordings", str(args.recordings),
-            "--trials", str(args.trials), "--max-epochs", str(args.epochs), "--time-budget", "none",
-            "--data-dir", str(args.data_dir), "--name", name]
+    if args.default_study:  # exactly `python -m tuning.run --space SPACE`, timed
+        defaults = StudyConfig(name="x")
+        args.recordings, args.epochs = defaults.dataset_recordings, defaults.max_epochs
+        argv = ["--space", args.space, "--data-dir", str(args.data_dir), "--name", name]
+    else:
+        argv = ["--space", args.space, "--dataset", f"bench-{args.recordings}", "--recordings", str(args.recordings),
+                "--trials", str(args.trials), "--max-epochs", str(args.epochs), "--time-budget", "none",
+                "--data-dir", str(args.data_dir), "--name", name]
+    started = time.monotonic()
     code = run_main(argv, callbacks=[timing])
+    print(f"study wall time (dataset, features, trials, export): {time.monotonic() - started:.0f} s")
     if code != 0:
         sys.exit(f"the study failed (exit {code})")
     rows = []
@@ -275,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--recordings", type=int, default=2000)
     a.add_argument("--epochs", type=int, default=3)
     a.add_argument("--trials", type=int, default=2)
+    a.add_argument("--default-study", action="store_true",
+                   help="time the default study itself (`python -m tuning.run --space SPACE`, all defaults)")
     b = sub.add_parser("search", help="(b) TPE+ASHA vs random search on the same budget")
     b.add_argument("--recordings", type=int, default=600)
     b.add_argument("--epochs", type=int, default=4)
