@@ -4,7 +4,8 @@ For each cluster shape (head only; head + one worker node) the benchmark
 starts a real local cluster (:class:`tuning.localcluster.LocalCluster`, every
 node 2 logical CPUs), submits the same study with the Ray CLI, and reads the
 study's own ``summary.json``: trials per hour = finished trials / the Tune
-run's wall time (dataset and feature cache are built once, before the first
+run's wall time; every trial runs all its epochs (ASHA's grace period = the
+epochs), so both shapes do the same work (dataset and feature cache are built once, before the first
 shape, so both shapes time trials only). Both runs use one shared local data
 directory: all nodes are on this machine, so its disk is "shared storage".
 
@@ -36,14 +37,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _study_args(args: argparse.Namespace, name: str) -> list[str]:
     return ["--space", args.space, "--dataset", f"bench-{args.recordings}", "--recordings", str(args.recordings),
-            "--trials", str(args.trials), "--max-epochs", str(args.epochs), "--time-budget", "none",
-            "--data-dir", str(args.data_dir), "--name", name, "--no-export"]
+            "--trials", str(args.trials), "--max-epochs", str(args.epochs), "--grace-period", str(args.epochs),
+            "--time-budget", "none", "--data-dir", str(args.data_dir), "--name", name, "--no-export"]
 
 
 def _prepare(args: argparse.Namespace) -> None:
     """Build the dataset and its feature cache once (a one-trial, one-epoch study in this process)."""
     code = run_main([*_study_args(args, f"bench-cluster-warmup-{time.strftime('%H%M%S')}"),
-                     "--trials", "1", "--max-epochs", "1"])
+                     "--trials", "1", "--max-epochs", "1", "--grace-period", "1"])
     if code != 0:
         sys.exit(f"warm-up study failed (exit {code})")
 
