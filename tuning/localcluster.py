@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from heimdall.errors import ConfigError, ServiceUnavailableError
-from tuning.services import free_ports
+from tuning.services import free_ports, pid_alive
 
 __all__ = ["RayNode", "LocalCluster", "HEAD_RESOURCE", "worker_resource", "main"]
 
@@ -77,7 +77,7 @@ class RayNode:
 
     def alive(self) -> bool:
         """Whether the node's ``ray start`` process still runs."""
-        return _running(self.pid)
+        return pid_alive(self.pid, "ray")
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the node's whole process group (raylet, its workers, the agents)."""
@@ -93,21 +93,10 @@ class RayNode:
         while self.alive() and time.monotonic() < deadline:
             time.sleep(0.2)
         self.kill(signal.SIGKILL)
-        _running(self.pid)  # reaps it if it is our child
-
-
-def _running(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie child is reaped and counts as gone)."""
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass  # not our child: ask /proc
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+        try:
+            os.waitpid(self.pid, os.WNOHANG)  # reap it if it is our child
+        except ChildProcessError:
+            pass
 
 
 @dataclass
@@ -317,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = args.dir.resolve()
     try:
         if args.command == "up":
-            if (root / "cluster.json").is_file() and any(_running(n["pid"]) for n in _load(root)):
+            if (root / "cluster.json").is_file() and any(pid_alive(n["pid"], "ray") for n in _load(root)):
                 raise ConfigError("local cluster", [f"a cluster already runs from {root}; fix: "
                                                     f"python -m tuning.localcluster down --dir {args.dir}"])
             # A short private path for Ray's sockets; the logs and env.sh stay in --dir.
@@ -328,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "status":
             for n in _load(root):
                 print(f"{n['name']:10s} pid {n['pid']:>7d} {n['cpus']} CPU  "
-                      f"{'running' if _running(n['pid']) else 'stopped'}")
+                      f"{'running' if pid_alive(n['pid'], 'ray') else 'stopped'}")
         else:
             for n in reversed(_load(root)):
                 RayNode(n["name"], n["resource"], n["cpus"], n["pid"], root / f"{n['name']}.log").stop()

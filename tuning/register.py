@@ -111,6 +111,17 @@ class RegistrySettings:
         """Connect to MLflow (raises ServiceUnavailableError within seconds when down)."""
         return Registry(self.mlflow_uri, artifact_root=self.data_dir.resolve() / "mlruns")
 
+    def check(self) -> Registry:
+        """Reach the models store and MLflow now; returns the connected registry.
+
+        Raises:
+            ServiceUnavailableError: either is down.
+        """
+        from heimdall.store import open_store
+
+        open_store(self.models_store).list("localization-v")
+        return self.registry()
+
 
 @dataclass(frozen=True)
 class RegistrationResult:
@@ -501,11 +512,8 @@ def _export_checkpoint(args: argparse.Namespace, out: Path) -> None:
 
 
 def _dry_run(export_dir: Path, settings: RegistrySettings) -> None:
-    from heimdall.store import open_store
-
     export = _Export.load(export_dir)
-    open_store(settings.models_store).list("localization-v")
-    registry = settings.registry()
+    registry = settings.check()
     champion = registry.champion()
     print(f"export:    {export.root} (parity PASSED on {export.parity.n} recordings, "
           f"content {export.request['content_sha256'][:12]}…)")

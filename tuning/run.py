@@ -345,12 +345,9 @@ def check_registry(where: Locations) -> RegistrySettings:
     Raises:
         ServiceUnavailableError: either is down, naming ``--no-export`` as the way to tune without them.
     """
-    from heimdall.store import open_store
-
     settings = RegistrySettings.resolve(where.data.data_dir, where.mlflow_uri, where.models_store)
     try:
-        open_store(settings.models_store).list("localization-v")
-        settings.registry()
+        settings.check()
     except ServiceUnavailableError as exc:
         raise ServiceUnavailableError(f"{exc}\n(the best trial is registered at the end of the study; to tune "
                                       f"without a registry, add --no-export)") from None

@@ -31,6 +31,7 @@ from heimdall.store import S3Settings
 from heimdall.store.s3 import S3Store
 from tests.tuning.mlflow_fixtures import MlflowServer, mlflow_server  # noqa: F401  (fixture)
 from tuning.localcluster import HEAD_RESOURCE, LocalCluster, worker_resource
+from tuning.services import pid_alive
 from tuning.tune import open_optuna_storage
 
 pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.s3, pytest.mark.postgres]
@@ -88,7 +89,7 @@ class _NodeKiller(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set() and self.killed_trial is None:
             running_there = {t for t, node, pid, _ in _announcements(self.cluster.root)
-                             if node == self.worker_node_id and _alive(pid)}
+                             if node == self.worker_node_id and pid_alive(pid, "RayTrainWorker")}
             if running_there:
                 # Registered by the trial's Train controller, not only uploaded by its worker: the
                 # snapshot is what a restarted run resumes from.
@@ -101,14 +102,6 @@ class _NodeKiller(threading.Thread):
                     self.cluster.workers[0].kill(signal.SIGKILL)
                     return
             time.sleep(1.0)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_study_runs_on_both_nodes_and_survives_losing_the_worker_node(
