@@ -27,7 +27,9 @@ from pathlib import Path
 from heimdall.catalog import Catalog, open_catalog
 from heimdall.store import BlobStore, open_store
 
-__all__ = ["DataSettings", "add_data_args", "data_settings"]
+__all__ = ["DataSettings", "add_data_args", "data_settings", "resolve_data_dir"]
+
+DEFAULT_DATA_DIR = ".heimdall"
 
 
 @dataclass(frozen=True)
@@ -38,9 +40,19 @@ class DataSettings:
     catalog_url: str
     store_url: str
 
-    def open_catalog(self) -> Catalog:
-        """Connect to the catalogue (raises ServiceUnavailableError when unreachable)."""
-        return open_catalog(self.catalog_url)
+    def open_catalog(self, *, read_only: bool = False) -> Catalog:
+        """Connect to the catalogue.
+
+        Args:
+            read_only: for commands that only read (list, describe, verify, a dry run):
+                nothing is created, neither a file nor a schema nor tables; a missing
+                catalogue is a :class:`~heimdall.errors.NotFoundError` naming how to create one.
+
+        Raises:
+            ServiceUnavailableError: the catalogue cannot be reached.
+            NotFoundError: ``read_only`` and there is no catalogue at the URL yet.
+        """
+        return open_catalog(self.catalog_url, read_only=read_only)
 
     def open_store(self) -> BlobStore:
         """Open the blob store (S3 keys come from the environment)."""
@@ -55,9 +67,15 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--store", default=None, help="blob store: a directory or s3://bucket[/prefix] [HEIMDALL_STORE]")
 
 
+def resolve_data_dir(flag: Path | str | None = None) -> Path:
+    """The local data directory: ``flag``, else ``HEIMDALL_DATA_DIR``, else ``./.heimdall`` (absolute;
+    the environment is read here, at call time)."""
+    return Path(flag or os.environ.get("HEIMDALL_DATA_DIR") or DEFAULT_DATA_DIR).resolve()
+
+
 def data_settings(args: argparse.Namespace) -> DataSettings:
     """Resolve flags, then environment, then defaults (environment read here, at call time)."""
-    data_dir = Path(args.data_dir or os.environ.get("HEIMDALL_DATA_DIR") or ".heimdall").resolve()
+    data_dir = resolve_data_dir(args.data_dir)
     catalog = args.catalog or os.environ.get("HEIMDALL_CATALOG") or f"sqlite:///{data_dir / 'catalog.db'}"
     store = args.store or os.environ.get("HEIMDALL_STORE") or str(data_dir / "store")
     return DataSettings(data_dir=data_dir, catalog_url=catalog, store_url=store)

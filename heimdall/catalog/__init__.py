@@ -13,6 +13,12 @@ Accepted URLs (SQLAlchemy's conventions, like MLflow's):
   or ``.sqlite3`` means the same.
 * ``postgresql://user@host:5432/db`` (also ``postgres://``,
   ``postgresql+psycopg2://``): :class:`PostgresCatalog`, schema ``heimdall``.
+
+Commands that only read open it with ``read_only=True``: then nothing is
+created (no file, no directory, no schema, no table) and a missing catalogue is
+a :class:`~heimdall.errors.NotFoundError` saying how to create one. Writers
+create the tables on first use, but never inside a database that holds other
+tables and is not a Heimdall Tune catalogue.
 """
 from __future__ import annotations
 
@@ -55,25 +61,28 @@ _ACCEPTED = (
 )
 
 
-def open_catalog(url: str) -> Catalog:
-    """Open the catalogue at ``url`` (its tables are created on first use).
+def open_catalog(url: str, *, read_only: bool = False) -> Catalog:
+    """Open the catalogue at ``url`` (unless ``read_only``, its tables are created on first use).
 
     Args:
         url: see the module docstring for the accepted forms.
+        read_only: only read: create nothing, refuse every write.
 
     Returns:
         A :class:`SQLiteCatalog` or a :class:`PostgresCatalog`.
 
     Raises:
         ConfigError: an unsupported or in-memory URL (the message lists the accepted forms).
+        NotFoundError: ``read_only`` and the SQLite file does not exist (a missing PostgreSQL
+            schema is found by the first read).
         ServiceUnavailableError: the database cannot be opened or reached.
     """
     if not isinstance(url, str) or not url.strip():
         raise ConfigError("catalogue URL", [f"expected {_ACCEPTED}; got {url!r}"])
     url = url.strip()
     if url.startswith(_POSTGRES_SCHEMES):
-        return PostgresCatalog(url)
-    return SQLiteCatalog(_sqlite_path(url))
+        return PostgresCatalog(url, read_only=read_only)
+    return SQLiteCatalog(_sqlite_path(url), read_only=read_only)
 
 
 def _sqlite_path(url: str) -> Path:

@@ -143,13 +143,24 @@ class Catalog(Protocol):
         """The catalogue's URL without any password."""
         ...
 
+    def check(self) -> None:
+        """Check, changing nothing, that a catalogue this code can read exists here
+        (a read-only catalogue runs it instead of :meth:`initialize`).
+
+        Raises:
+            NotFoundError: no catalogue yet; the message says how to create one.
+            DataError: the database is not a Heimdall Tune catalogue, or has a newer schema version.
+        """
+        ...
+
     def initialize(self) -> None:
         """Create the schema and tables and upsert the receivers; idempotent and
         safe to run from several processes at once (other methods run it once
-        themselves on first use).
+        themselves on first use, unless the catalogue was opened read-only).
 
         Raises:
-            DataError: the catalogue was written by a newer schema version.
+            DataError: the catalogue was written by a newer schema version, or the
+                database holds other tables and is not a Heimdall Tune catalogue.
         """
         ...
 

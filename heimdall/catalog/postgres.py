@@ -5,6 +5,10 @@ inserts go through ``psycopg2.extras.execute_values``. ``initialize()`` takes a
 transaction-scoped advisory lock so that several processes can run it at once.
 A password may sit in the URL or, better, in ``PGPASSWORD``; it never appears in
 :meth:`PostgresCatalog.describe` or in any error message.
+
+Only the ``heimdall`` schema counts as the catalogue: other schemas of the same
+database (Optuna's or MLflow's tables in ``public``) are never looked at. A
+read-only catalogue runs in read-only sessions and never creates the schema.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ class PostgresCatalog(SQLCatalog):
             ``postgres://`` and SQLAlchemy's ``postgresql+psycopg2://`` work too).
         connect_timeout_s: seconds to wait for the server, unless the URL sets
             ``connect_timeout`` itself.
+        read_only: only read; the schema and tables are never created.
 
     Raises:
         ConfigError: the URL cannot be parsed.
@@ -45,8 +50,8 @@ class PostgresCatalog(SQLCatalog):
     _share_lock = " FOR SHARE"  # parallel add_shard calls, but no concurrent complete/delete
     _update_lock = " FOR UPDATE"
 
-    def __init__(self, url: str, *, connect_timeout_s: float = 5.0) -> None:
-        super().__init__()
+    def __init__(self, url: str, *, connect_timeout_s: float = 5.0, read_only: bool = False) -> None:
+        super().__init__(read_only=read_only)
         import psycopg2  # lazy: the SQLite default must not need the driver
 
         self._pg = psycopg2
@@ -63,6 +68,8 @@ class PostgresCatalog(SQLCatalog):
             extra["connect_timeout"] = max(1, round(connect_timeout_s))
         try:
             self._conn = psycopg2.connect(self._url, **extra)
+            if read_only:
+                self._conn.set_session(readonly=True)
         except psycopg2.Error as e:
             raise ServiceUnavailableError(
                 f"cannot connect to the PostgreSQL catalogue {self._safe_url}: {self._scrub(e)}; {_FIX}"
@@ -104,6 +111,13 @@ class PostgresCatalog(SQLCatalog):
     def _prepare_schema(self, cur: Any) -> None:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (_INIT_LOCK,))
         cur.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
+
+    def _where(self) -> str:
+        return f"schema {SCHEMA!r} of the PostgreSQL database"
+
+    def _table_names(self, cur: Any) -> set[str]:
+        cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (SCHEMA,))
+        return {row[0] for row in cur.fetchall()}
 
     def _insert_many(self, cur: Any, table: str, columns: Sequence[str], values: list[list[Any]]) -> None:
         # COPY is several times faster than INSERT ... VALUES (execute_values) for a

@@ -21,6 +21,13 @@ The schema stays close to Heimdall's upstream PostgreSQL schema ``heimdall``:
 Deleting a dataset cascades datasets -> shards -> recording_sessions -> measurements.
 NaN labels are stored as SQL NULL and read back as NaN.
 
+The ``schema_version`` table marks a catalogue as ours. :meth:`SQLCatalog.initialize`
+creates the tables only where there are none yet (a new file, an absent or empty
+schema) and refuses a database that holds other tables but no ``schema_version``,
+so a catalogue URL pointing at somebody else's database adds nothing to it. A
+catalogue opened ``read_only`` never creates anything: :meth:`SQLCatalog.check`
+only looks.
+
 SQL text here uses ``?`` for parameters and ``{p}`` for the table prefix; a
 backend rewrites both (:meth:`SQLCatalog._q`).
 """
@@ -43,7 +50,7 @@ from heimdall.catalog.base import (
     ShardInfo,
     check_recordings,
 )
-from heimdall.errors import AlreadyExistsError, DataError, NotFoundError, collect_problems
+from heimdall.errors import AlreadyExistsError, DataError, HeimdallError, NotFoundError, collect_problems
 from heimdall.receivers import STATIONS
 
 __all__ = ["SCHEMA_VERSION", "SQLCatalog", "redact_url"]
@@ -170,7 +177,8 @@ class SQLCatalog(ABC):
     _update_lock = ""
     _integrity_error: type[Exception] = Exception
 
-    def __init__(self) -> None:
+    def __init__(self, *, read_only: bool = False) -> None:
+        self.read_only = read_only
         self._initialized = False
         self._closed = False
 
@@ -196,6 +204,14 @@ class SQLCatalog(ABC):
 
     def _prepare_schema(self, cur: Any) -> None:
         """Statements run first in :meth:`initialize` (schema, locks); none by default."""
+
+    @abstractmethod
+    def _table_names(self, cur: Any) -> set[str]:
+        """Names of the tables and views where the catalogue's tables live (the file, the schema)."""
+
+    @abstractmethod
+    def _where(self) -> str:
+        """Where :meth:`_table_names` looks, for messages (e.g. ``the SQLite file /x.db``)."""
 
     def _ts_in(self, value: datetime) -> Any:
         return value
@@ -227,23 +243,37 @@ class SQLCatalog(ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.describe()!r})"
 
+    def check(self) -> None:
+        """Check, without changing anything, that this is a catalogue this code can read.
+
+        Raises:
+            NotFoundError: there is no catalogue yet (no file, no tables); the message says how to create one.
+            DataError: the database holds other tables but is not a Heimdall Tune catalogue, or
+                it has a newer schema version than this code.
+            ServiceUnavailableError: the database cannot be reached.
+        """
+        with self._transaction() as cur:
+            tables = self._table_names(cur)
+            if not tables:
+                raise self._missing_error(f"{self._where()} holds no tables")
+            self._schema_version(cur, tables)
+        self._initialized = True
+
     def initialize(self) -> None:
         """Create the tables and upsert the receivers; idempotent, multi-process safe.
 
         Raises:
-            DataError: the catalogue has a newer schema version than this code.
+            DataError: the database holds other tables but is not a Heimdall Tune catalogue
+                (nothing is added to it), or it has a newer schema version than this code.
             ServiceUnavailableError: the database cannot be reached.
+            HeimdallError: the catalogue was opened read-only.
         """
+        self._refuse_read_only("initialize")
         with self._transaction(write=True) as cur:
             self._prepare_schema(cur)
+            tables = self._table_names(cur)
+            version = self._schema_version(cur, tables) if tables else None
             cur.execute(self._q(_VERSION_TABLE))
-            cur.execute(self._q("SELECT MAX(version) FROM {p}schema_version"))
-            version = cur.fetchone()[0]
-            if version is not None and version > SCHEMA_VERSION:
-                raise DataError(
-                    f"catalogue {self.describe()} has schema version {version}, this code knows up to "
-                    f"{SCHEMA_VERSION}; fix: upgrade heimdall-tune, or point HEIMDALL_CATALOG at another catalogue"
-                )
             for ddl in _TABLES:
                 cur.execute(self._q(ddl))
             if version is None:
@@ -261,11 +291,47 @@ class SQLCatalog(ABC):
         )
         cur.executemany(sql, [(s.id, s.name, s.lat, s.lon, s.alt_m, i) for i, s in enumerate(STATIONS)])
 
+    def _schema_version(self, cur: Any, tables: set[str]) -> int | None:
+        """The catalogue's schema version, after refusing a database that is not ours or too new."""
+        if "schema_version" not in tables:
+            shown = ", ".join(sorted(tables)[:8]) + (", ..." if len(tables) > 8 else "")
+            raise DataError(
+                f"{self._where()} ({self.describe()}) is not a Heimdall Tune catalogue: it holds other tables "
+                f"({shown}) and no schema_version table of ours, so nothing was read from or added to it; "
+                f"fix: point --catalog / HEIMDALL_CATALOG at a new file or an existing Heimdall Tune catalogue "
+                f"(default: sqlite:///.heimdall/catalog.db)"
+            )
+        cur.execute(self._q("SELECT MAX(version) FROM {p}schema_version"))
+        version = cur.fetchone()[0]
+        if version is not None and version > SCHEMA_VERSION:
+            raise DataError(
+                f"catalogue {self.describe()} has schema version {version}, this code knows up to "
+                f"{SCHEMA_VERSION}; fix: upgrade heimdall-tune, or point HEIMDALL_CATALOG at another catalogue"
+            )
+        return version
+
+    def _missing_error(self, why: str) -> NotFoundError:
+        return NotFoundError(
+            f"no Heimdall Tune catalogue at {self.describe()} yet ({why}); nothing was created by this "
+            f"read-only command; fix: create one with `python -m tuning.data generate --dataset NAME` "
+            f"(or `import`), or point --catalog / HEIMDALL_CATALOG at an existing catalogue"
+        )
+
+    def _refuse_read_only(self, action: str) -> None:
+        if self.read_only:
+            raise HeimdallError(
+                f"catalogue {self.describe()} was opened read-only, so it cannot {action}; "
+                f"fix: open it with open_catalog(url) (read_only=False) to write"
+            )
+
     @contextmanager
     def _ready(self, write: bool = False) -> Iterator[Any]:
-        """A transaction on an initialized catalogue (initializes once per instance)."""
+        """A transaction on a ready catalogue: initialized once per instance, or for a read-only
+        catalogue only checked (it never creates anything)."""
+        if write:
+            self._refuse_read_only("write")
         if not self._initialized:
-            self.initialize()
+            self.check() if self.read_only else self.initialize()
         with self._transaction(write=write) as cur:
             yield cur
 

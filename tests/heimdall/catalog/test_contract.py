@@ -31,6 +31,7 @@ from heimdall.errors import (
     AlreadyExistsError,
     ConfigError,
     DataError,
+    HeimdallError,
     NotFoundError,
     ServiceUnavailableError,
 )
@@ -202,6 +203,94 @@ def test_a_newer_schema_version_is_refused(catalog, url):
         conn.close()
     with open_catalog(url) as c, pytest.raises(DataError, match="schema version 99.*upgrade"):
         c.initialize()
+    with open_catalog(url, read_only=True) as c, pytest.raises(DataError, match="schema version 99.*upgrade"):
+        c.list_datasets()
+
+
+# -- read-only catalogues and databases that are not ours --------------------
+def _footprint(url: str) -> object:
+    """What a command could have changed: the SQLite file's folder (names, sizes, bytes), or
+    PostgreSQL's schemas and the ``heimdall`` schema's tables."""
+    if url.startswith("sqlite:"):
+        folder = Path(url[len("sqlite:///"):]).parent
+        return sorted((p.name, hashlib.sha256(p.read_bytes()).hexdigest()) for p in folder.iterdir() if p.is_file())
+    import psycopg2
+
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT schema_name FROM information_schema.schemata ORDER BY 1")
+            schemas = cur.fetchall()
+            cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'heimdall' ORDER BY 1")
+            return schemas, cur.fetchall()
+    finally:
+        conn.close()
+
+
+def _not_ours(url: str) -> None:
+    """Make the database behind ``url`` hold somebody else's tables (upstream Heimdall's, say)."""
+    if url.startswith("sqlite:"):
+        conn = sqlite3.connect(url[len("sqlite:///"):])
+        conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT)")
+        conn.execute("INSERT INTO users VALUES (1, 'a@example.org')")
+        conn.commit()
+        conn.close()
+        return
+    import psycopg2
+
+    conn = psycopg2.connect(url)
+    with conn, conn.cursor() as cur:
+        cur.execute("CREATE SCHEMA heimdall")
+        cur.execute("CREATE TABLE heimdall.websdr_stations (id INTEGER PRIMARY KEY, name TEXT)")
+    conn.close()
+
+
+def test_read_only_open_of_a_missing_catalogue_creates_nothing(url):
+    before = _footprint(url)
+    with pytest.raises(NotFoundError, match="no Heimdall Tune catalogue at .*fix: create one with `python -m tuning.data generate"):
+        with open_catalog(url, read_only=True) as c:
+            c.list_datasets()
+    assert _footprint(url) == before
+
+
+def test_read_only_catalogue_reads_and_refuses_writes(catalog, url):
+    added = _fill(catalog, "ro", [4])
+    catalog.close()
+    before = _footprint(url)
+    with open_catalog(url, read_only=True) as c:
+        c.check()
+        assert [d.name for d in c.list_datasets()] == ["ro"]
+        assert c.get_dataset("ro").n_recordings == 4 and len(c.shards("ro")) == 1
+        np.testing.assert_array_equal(np.sort(c.recordings("ro")["recording_id"]), np.sort(added[0]["recording_id"]))
+        for write in (c.initialize, lambda: _create(c, "new"), lambda: c.delete_dataset("ro"), lambda: c.mark_complete("ro")):
+            with pytest.raises(HeimdallError, match="opened read-only"):
+                write()
+    assert _footprint(url) == before
+
+
+def test_a_database_that_is_not_a_catalogue_is_left_alone(url):
+    _not_ours(url)
+    before = _footprint(url)
+    with open_catalog(url) as c:
+        with pytest.raises(DataError, match="is not a Heimdall Tune catalogue.*nothing was .*added to it; fix: "):
+            c.initialize()
+        with pytest.raises(DataError, match="is not a Heimdall Tune catalogue"):
+            _create(c, "intruder")
+    with open_catalog(url, read_only=True) as c, pytest.raises(DataError, match="is not a Heimdall Tune catalogue"):
+        c.list_datasets()
+    assert _footprint(url) == before
+
+
+def test_an_empty_sqlite_file_is_no_catalogue_to_read_but_can_become_one(tmp_path):
+    path = tmp_path / "empty.db"
+    path.touch()
+    with pytest.raises(NotFoundError, match="holds no tables"), open_catalog(str(path), read_only=True) as c:
+        c.list_datasets()
+    assert path.stat().st_size == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["empty.db"]
+    with open_catalog(str(path)) as c:
+        assert c.list_datasets() == []
+    with open_catalog(str(path), read_only=True) as c:
+        assert c.list_datasets() == []
 
 
 # -- datasets -----------------------------------------------------------------
