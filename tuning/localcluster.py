@@ -27,6 +27,7 @@ faster.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -41,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from heimdall.errors import ConfigError, ServiceUnavailableError
-from tuning.services import free_ports, pid_alive
+from tuning.services import ProcessIdentity, free_ports, pid_alive, signal_process
 
 __all__ = ["RayNode", "LocalCluster", "HEAD_RESOURCE", "worker_resource", "main"]
 
@@ -67,6 +68,8 @@ class RayNode:
         cpus: logical CPUs it offers.
         pid: the ``ray start`` process, also the group id of the node's processes.
         log: its output.
+        process: the ``ray start`` process's identity, recorded at start (None: unknown,
+            e.g. a ``cluster.json`` from an older version); nothing is signalled without it.
     """
 
     name: str
@@ -74,29 +77,51 @@ class RayNode:
     cpus: int
     pid: int
     log: Path
+    process: ProcessIdentity | None = None
 
     def alive(self) -> bool:
-        """Whether the node's ``ray start`` process still runs."""
-        return pid_alive(self.pid, "ray")
+        """Whether the node's ``ray start`` process (the one we started) still runs."""
+        return self.process is not None and pid_alive(self.process)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Signal the node's whole process group (raylet, its workers, the agents)."""
-        try:
-            os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            pass
+        """Signal the node's whole process group (raylet, its workers, the agents), only while its
+        leader is still the process we started."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, sig)
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
-        """SIGTERM the group, then SIGKILL what is left after ``grace_s``."""
+        """SIGTERM the group, then SIGKILL its processes that are left after ``grace_s``."""
+        if not self.alive():
+            return
+        # Identities of the group now, while its leader is verified ours: the leftovers are
+        # killed by identity, never by a group id that may be free for reuse once the leader is gone.
+        members = _group_members(self.pid)
         self.kill(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         while self.alive() and time.monotonic() < deadline:
             time.sleep(0.2)
-        self.kill(signal.SIGKILL)
+        for member in members:
+            signal_process(member, signal.SIGKILL)
         try:
             os.waitpid(self.pid, os.WNOHANG)  # reap it if it is our child
         except ChildProcessError:
             pass
+
+
+def _group_members(pgid: int) -> list[ProcessIdentity]:
+    """Identities of the processes in group ``pgid`` (its leader first, if alive)."""
+    members = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:  # field 5: the process group
+                members.append(ProcessIdentity.of(int(proc.name), ""))
+        except (OSError, IndexError, ValueError, ServiceUnavailableError):
+            continue  # gone meanwhile
+    return sorted(members, key=lambda m: m.pid != pgid)
 
 
 @dataclass
@@ -213,7 +238,11 @@ class LocalCluster:
                f"--temp-dir={self.root / temp_dir}", *extra]
         with open(log, "wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
-        return RayNode(name, resource, cpus, proc.pid, log)
+        try:
+            identity = ProcessIdentity.of(proc.pid, str(self.root))
+        except ServiceUnavailableError:
+            identity = None  # exited at once: _wait_nodes reports it with the log
+        return RayNode(name, resource, cpus, proc.pid, log, identity)
 
     def nodes(self) -> list[dict]:
         """``ray list nodes`` as dicts (node_id, state, resources_total...), through the dashboard API.
@@ -265,8 +294,9 @@ class LocalCluster:
         path.write_text("# source me: the local Ray cluster's address and token\n" + "\n".join(lines) + "\n")
         path.chmod(0o600)
         state = {"root": str(self.root), "gcs_port": self.gcs_port, "dashboard_port": self.dashboard_port,
-                 "nodes": [{"name": x.name, "pid": x.pid, "cpus": x.cpus, "resource": x.resource}
-                           for x in [self.head, *self.workers] if x]}
+                 "nodes": [{"name": x.name, "pid": x.pid, "cpus": x.cpus, "resource": x.resource,
+                           "process": x.process.to_dict() if x.process else None}
+                          for x in [self.head, *self.workers] if x]}
         (self.root / "cluster.json").write_text(json.dumps(state, indent=2) + "\n")
 
 
@@ -300,13 +330,19 @@ def _load(root: Path) -> list[dict]:
     return json.loads(path.read_text())["nodes"]
 
 
+def _node(entry: dict, root: Path) -> RayNode:
+    """A node of ``cluster.json``, with the identity recorded at ``up`` (None when missing)."""
+    return RayNode(entry["name"], entry["resource"], entry["cpus"], entry["pid"], root / f"{entry['name']}.log",
+                   ProcessIdentity.from_dict(entry.get("process")))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: 0 done, 1 an error (one ``error:`` line)."""
     args = build_parser().parse_args(argv)
     root = args.dir.resolve()
     try:
         if args.command == "up":
-            if (root / "cluster.json").is_file() and any(pid_alive(n["pid"], "ray") for n in _load(root)):
+            if (root / "cluster.json").is_file() and any(_node(n, root).alive() for n in _load(root)):
                 raise ConfigError("local cluster", [f"a cluster already runs from {root}; fix: "
                                                     f"python -m tuning.localcluster down --dir {args.dir}"])
             # A short private path for Ray's sockets; the logs and env.sh stay in --dir.
@@ -317,10 +353,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "status":
             for n in _load(root):
                 print(f"{n['name']:10s} pid {n['pid']:>7d} {n['cpus']} CPU  "
-                      f"{'running' if pid_alive(n['pid'], 'ray') else 'stopped'}")
+                      f"{'running' if _node(n, root).alive() else 'stopped'}")
         else:
             for n in reversed(_load(root)):
-                RayNode(n["name"], n["resource"], n["cpus"], n["pid"], root / f"{n['name']}.log").stop()
+                node = _node(n, root)
+                if node.alive():
+                    node.stop()
+                else:
+                    print(f"{node.name}: pid {node.pid} is not the node `up` started; not ours, left alone")
             print(f"stopped the cluster in {root}")
     except (ConfigError, ServiceUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -2,10 +2,10 @@
 
 Commands to copy::
 
-    python -m tuning.services up                    # start both under .heimdall/services
+    python -m tuning.services up                    # start both under $HEIMDALL_DATA_DIR/services (.heimdall/services)
     source .heimdall/services/env.sh                # HEIMDALL_CATALOG, HEIMDALL_S3_ENDPOINT, AWS keys
     python -m tuning.services status                # pid, port and liveness of each
-    python -m tuning.services down                  # stop both by pid; data stays on disk
+    python -m tuning.services down                  # stop both (only the processes `up` started); data stays
     python -m tuning.services up --dir /tmp/hs --dry-run   # check binaries and directory only
 
 Both servers listen on free loopback ports only. PostgreSQL trusts local
@@ -15,8 +15,13 @@ mini``) checks one randomly generated access key. The keys are written only to
 ``initdb`` refuses to run as root, so as root the PostgreSQL programs run as
 the ``postgres`` user, which must be able to reach the directory.
 
+``up`` records each server's :class:`ProcessIdentity` (pid, start time,
+program, data directory) in ``pids.json``; ``down`` signals a pid only while all
+four still match, so a stale file never stops an unrelated process that got the
+same pid, nor one whose command line merely says ``postgres``.
+
 In Python, :class:`PostgresServer` and :class:`SeaweedServer` start a server
-with ``start(...)`` and stop it by pid with ``stop()`` (or use ``with``);
+with ``start(...)`` and stop exactly that process with ``stop()`` (or use ``with``);
 ``tests/conftest.py`` builds its session fixtures on them.
 """
 from __future__ import annotations
@@ -41,9 +46,11 @@ from importlib import metadata
 from pathlib import Path
 
 from heimdall.errors import ServiceUnavailableError
+from tuning.settings import resolve_data_dir
 
 __all__ = [
     "ServiceError",
+    "ProcessIdentity",
     "PostgresServer",
     "SeaweedServer",
     "free_ports",
@@ -54,7 +61,9 @@ __all__ = [
     "check_pg_dir_reachable",
     "pid_alive",
     "port_accepts",
+    "signal_process",
     "stop_pid",
+    "services_dir",
     "remove_weed_sockets",
     "up",
     "down",
@@ -63,7 +72,9 @@ __all__ = [
     "main",
 ]
 
-DEFAULT_DIR = Path(".heimdall/services")
+SERVICES_SUBDIR = "services"
+DEFAULT_DIR = Path(".heimdall") / SERVICES_SUBDIR
+STATE_FILE = "pids.json"
 HOST = "127.0.0.1"
 PG_MAJOR = "15"
 PG_USER = "postgres"
@@ -141,62 +152,179 @@ def find_weed() -> Path:
     )
 
 
-def pid_alive(pid: int, name: str) -> bool:
-    """Return whether ``pid`` runs a program whose command line contains ``name``.
+@dataclass(frozen=True)
+class ProcessIdentity:
+    """What makes a running process the one we started: a pid alone is reused by the system.
 
-    Zombies and recycled pids (now another program) count as gone.
+    Recorded right after a server starts and checked before every signal, so a
+    stale pids file, a recycled pid or an unrelated program whose command line
+    happens to say ``postgres`` is never touched.
 
-    Args:
+    Attributes:
         pid: the process id.
-        name: e.g. ``"postgres"`` or ``"weed"``.
-
-    Returns:
-        True while that process is alive.
+        start_time: when it started, in clock ticks after boot (``/proc/PID/stat`` field 22);
+            a process that reuses the pid has another.
+        exe: the program it runs (``/proc/PID/exe``).
+        marker: a string its command line holds: the data directory it was started on.
     """
+
+    pid: int
+    start_time: int
+    exe: str
+    marker: str
+
+    @classmethod
+    def of(cls, pid: int, marker: str) -> ProcessIdentity:
+        """Record the identity of the running process ``pid``.
+
+        Raises:
+            ServiceError: it is gone, or its command line does not hold ``marker``.
+        """
+        facts = _proc_facts(pid)
+        deadline = time.monotonic() + 2.0
+        # Right after exec the new program's arguments are not yet mapped: cmdline reads empty.
+        while facts is not None and facts[0] != "Z" and not facts[3] and time.monotonic() < deadline:
+            time.sleep(0.01)
+            facts = _proc_facts(pid)
+        if facts is None or facts[0] == "Z":
+            raise ServiceError(f"process {pid} exited right after it started; see its log")
+        _, start_time, exe, cmdline = facts
+        if marker not in cmdline:
+            raise ServiceError(f"process {pid} ({exe}) does not run on {marker}: its command line is {cmdline!r}")
+        return cls(pid, start_time, exe, marker)
+
+    @classmethod
+    def from_dict(cls, entry: object) -> ProcessIdentity | None:
+        """The identity a state file recorded, or None when the entry lacks one (an older or edited file)."""
+        try:
+            values = (entry["pid"], entry["start_time"], entry["exe"], entry["marker"])  # type: ignore[index]
+        except (KeyError, TypeError):
+            return None
+        types = (int, int, str, str)
+        if not all(isinstance(v, t) and not isinstance(v, bool) for v, t in zip(values, types)):
+            return None
+        return cls(*values)
+
+    def to_dict(self) -> dict[str, int | str]:
+        """The fields, for a JSON state file."""
+        return {"pid": self.pid, "start_time": self.start_time, "exe": self.exe, "marker": self.marker}
+
+    def mismatch(self) -> str | None:
+        """None while ``pid`` still is this process; otherwise why it is not."""
+        facts = _proc_facts(self.pid)
+        if facts is None:
+            return "no such process (or not ours to inspect)"
+        state, start_time, exe, cmdline = facts
+        if state == "Z":
+            return "it has exited"
+        if start_time != self.start_time:
+            return f"pid {self.pid} was reused: that process started at tick {start_time}, ours at {self.start_time}"
+        if exe != self.exe:
+            return f"pid {self.pid} runs {exe}, ours ran {self.exe}"
+        if self.marker not in cmdline:
+            return f"its command line does not hold {self.marker}"
+        return None
+
+    def alive(self) -> bool:
+        """Whether this very process still runs."""
+        return self.mismatch() is None
+
+
+def _proc_facts(pid: int) -> tuple[str, int, str, str] | None:
+    """State, start time, program and command line of ``pid`` from /proc; None if unreadable."""
     proc = Path(f"/proc/{pid}")
     try:
-        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        # The name in parentheses may hold spaces or ')': split after the last ')'.
+        after_name = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        state, start_time = after_name[0], int(after_name[19])  # fields 3 and 22
         cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except (OSError, IndexError):
-        return False
-    return state != "Z" and name in cmdline
+        exe = os.readlink(proc / "exe").removesuffix(" (deleted)")  # an upgraded binary is still ours
+    except (OSError, IndexError, ValueError):
+        return None
+    return state, start_time, exe, cmdline
 
 
-def stop_pid(pid: int, name: str, *, sig: int = signal.SIGTERM, timeout_s: float = 30.0,
-             process: subprocess.Popen[bytes] | None = None) -> None:
-    """Stop the process ``pid`` (if it still runs ``name``) and wait until it is gone.
-
-    Sends ``sig``, then SIGKILL if it outlives ``timeout_s``.
+def pid_alive(process: ProcessIdentity | int, name: str = "") -> bool:
+    """Whether a process runs.
 
     Args:
-        pid: the process id.
-        name: a string its command line contains (guards against recycled pids).
+        process: a :class:`ProcessIdentity` (the check before any signal: the same
+            process, start time, program and data directory), or a bare pid (only to
+            watch a process we did not start, e.g. a Ray worker found in a log).
+        name: for a bare pid, a string its command line must contain.
+
+    Returns:
+        True while it runs; zombies and recycled pids count as gone.
+    """
+    if isinstance(process, ProcessIdentity):
+        return process.alive()
+    facts = _proc_facts(process)
+    return facts is not None and facts[0] != "Z" and name in facts[3]
+
+
+def signal_process(process: ProcessIdentity, signum: int) -> bool:
+    """Send ``signum`` to ``process`` only if it still is that process.
+
+    A pidfd pins the process between the check and the signal, so even a pid
+    reused in that instant is not hit (on kernels without pidfd a tiny window remains).
+
+    Returns:
+        Whether the signal was sent.
+    """
+    try:
+        fd = os.pidfd_open(process.pid)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        fd = None
+    try:
+        if not process.alive():
+            return False
+        if fd is None:
+            os.kill(process.pid, signum)
+        else:
+            signal.pidfd_send_signal(fd, signum)
+    except ProcessLookupError:
+        return False
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return True
+
+
+def stop_pid(process: ProcessIdentity, *, sig: int = signal.SIGTERM, timeout_s: float = 30.0,
+             popen: subprocess.Popen[bytes] | None = None) -> None:
+    """Stop ``process`` (only while it still is the process we started) and wait until it is gone.
+
+    Sends ``sig``, then SIGKILL if it outlives ``timeout_s``. A process whose
+    identity no longer matches is left alone.
+
+    Args:
+        process: the identity recorded when it was started.
         sig: the polite signal (PostgreSQL: SIGINT = fast shutdown).
         timeout_s: how long to wait before SIGKILL.
-        process: the ``Popen`` when we are its parent, so it is reaped.
+        popen: the ``Popen`` when we are its parent, so it is reaped.
 
     Raises:
         ServiceError: it survives SIGKILL.
     """
     for signum, wait_s in ((sig, timeout_s), (signal.SIGKILL, 10.0)):
-        if not pid_alive(pid, name):
+        if not signal_process(process, signum):
             break
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)
-        _wait_gone(pid, name, wait_s, process)
-    if process is not None:
+        _wait_gone(process, wait_s, popen)
+    if popen is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=1)
-    if pid_alive(pid, name):
-        raise ServiceError(f"{name} (pid {pid}) survived SIGKILL; inspect it with `ps -fp {pid}`")
+            popen.wait(timeout=1)
+    if process.alive():
+        raise ServiceError(f"{process.exe} (pid {process.pid}) survived SIGKILL; inspect it with `ps -fp {process.pid}`")
 
 
-def _wait_gone(pid: int, name: str, timeout_s: float, process: subprocess.Popen[bytes] | None) -> None:
+def _wait_gone(process: ProcessIdentity, timeout_s: float, popen: subprocess.Popen[bytes] | None) -> None:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and pid_alive(pid, name):
-        if process is not None:
+    while time.monotonic() < deadline and process.alive():
+        if popen is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=0.05)
+                popen.wait(timeout=0.05)
         else:
             time.sleep(0.05)
 
@@ -253,13 +381,13 @@ class PostgresServer:
     Attributes:
         data_dir: the cluster directory (owned by ``postgres`` when started as root).
         port: the TCP port on 127.0.0.1.
-        pid: the postmaster's pid.
+        process: the postmaster's identity (pid, start time, program, data directory).
         database: the database created for Heimdall.
     """
 
     data_dir: Path
     port: int
-    pid: int
+    process: ProcessIdentity
     database: str = "heimdall"
 
     @classmethod
@@ -291,7 +419,7 @@ class PostgresServer:
         pg_ctl = [str(bindir / "pg_ctl"), "-D", str(data_dir), "-l", str(log), "-w", "-t", str(int(timeout_s)),
                   "-o", _pg_options(data_dir, port, durable), "start"]
         _run(_as_pg_user(pg_ctl), f"starting PostgreSQL on port {port}", log)
-        server = cls(data_dir, port, _postmaster_pid(data_dir), database)
+        server = cls(data_dir, port, ProcessIdentity.of(_postmaster_pid(data_dir), str(data_dir)), database)
         try:
             server._create_database(bindir)
         except BaseException:
@@ -300,17 +428,22 @@ class PostgresServer:
         return server
 
     @property
+    def pid(self) -> int:
+        """The postmaster's pid."""
+        return self.process.pid
+
+    @property
     def url(self) -> str:
         """``postgresql://postgres@127.0.0.1:PORT/DATABASE`` (trust auth: no password)."""
         return f"postgresql://{PG_USER}@{HOST}:{self.port}/{self.database}"
 
     def is_running(self) -> bool:
-        """Whether the postmaster still runs."""
-        return pid_alive(self.pid, "postgres")
+        """Whether the postmaster we started still runs."""
+        return pid_alive(self.process)
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Fast shutdown (SIGINT) of the postmaster by pid, waiting until it is gone."""
-        stop_pid(self.pid, "postgres", sig=signal.SIGINT, timeout_s=timeout_s)
+        """Fast shutdown (SIGINT) of the postmaster we started, waiting until it is gone."""
+        stop_pid(self.process, sig=signal.SIGINT, timeout_s=timeout_s)
 
     def __enter__(self) -> PostgresServer:
         return self
@@ -392,7 +525,7 @@ class SeaweedServer:
     Attributes:
         base_dir: holds ``data/``, ``logs/``, ``identities.json`` and ``weed.out``.
         port: the S3 port on 127.0.0.1.
-        pid: the ``weed`` process id.
+        process: the ``weed`` process's identity (pid, start time, program, directory).
         access_key: the one identity's access key.
         secret_key: its secret key (never shown by ``repr``).
         ports: every port the process binds (its unix sockets in /tmp are named after them).
@@ -400,11 +533,11 @@ class SeaweedServer:
 
     base_dir: Path
     port: int
-    pid: int
+    process: ProcessIdentity
     access_key: str
     secret_key: str
     ports: tuple[int, ...] = ()
-    process: subprocess.Popen[bytes] | None = field(default=None, compare=False)
+    popen: subprocess.Popen[bytes] | None = field(default=None, compare=False)
 
     @classmethod
     def start(cls, base_dir: Path, *, timeout_s: float = 30.0) -> SeaweedServer:
@@ -437,13 +570,24 @@ class SeaweedServer:
         with open(base_dir / "weed.out", "ab") as out:
             process = subprocess.Popen(cmd, cwd=base_dir, stdin=subprocess.DEVNULL, stdout=out,
                                        stderr=subprocess.STDOUT, start_new_session=True)
-        server = cls(base_dir, port, process.pid, access_key, secret_key, (port, *others), process)
+        try:
+            identity = ProcessIdentity.of(process.pid, str(base_dir))
+        except ServiceError:
+            process.kill()  # our own child, never waited for: its pid cannot have been reused
+            process.wait()
+            raise
+        server = cls(base_dir, port, identity, access_key, secret_key, (port, *others), process)
         try:
             server._wait_ready(timeout_s)
         except BaseException:
             server.stop()
             raise
         return server
+
+    @property
+    def pid(self) -> int:
+        """The ``weed`` process id."""
+        return self.process.pid
 
     @property
     def endpoint(self) -> str:
@@ -457,12 +601,12 @@ class SeaweedServer:
                 f"access_key={self.access_key[:4]!r}…, secret_key='<redacted>')")
 
     def is_running(self) -> bool:
-        """Whether the ``weed`` process still runs."""
-        return pid_alive(self.pid, "weed")
+        """Whether the ``weed`` process we started still runs."""
+        return pid_alive(self.process)
 
     def stop(self, timeout_s: float = 15.0) -> None:
-        """SIGTERM the process by pid, wait until it is gone, remove its sockets in /tmp."""
-        stop_pid(self.pid, "weed", timeout_s=timeout_s, process=self.process)
+        """SIGTERM the process we started, wait until it is gone, remove its sockets in /tmp."""
+        stop_pid(self.process, timeout_s=timeout_s, popen=self.popen)
         remove_weed_sockets(self.ports)
 
     def __enter__(self) -> SeaweedServer:
@@ -474,9 +618,9 @@ class SeaweedServer:
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while not _port_answers_http(self.port):
-            exited = self.process is not None and self.process.poll() is not None
+            exited = self.popen is not None and self.popen.poll() is not None
             if exited or time.monotonic() > deadline:
-                why = f"exited with {self.process.returncode}" if exited else f"did not answer within {timeout_s:.0f} s"
+                why = f"exited with {self.popen.returncode}" if exited else f"did not answer within {timeout_s:.0f} s"
                 raise ServiceError(
                     f"SeaweedFS S3 on port {self.port} {why}; last lines of {self.base_dir / 'weed.out'}:\n"
                     f"{_tail(self.base_dir / 'weed.out')}"
@@ -517,7 +661,8 @@ def up(directory: Path, *, dry_run: bool = False) -> int:
     """Start both servers in the background under ``directory`` and write ``env.sh``.
 
     Args:
-        directory: holds ``postgres/``, ``seaweedfs/``, ``env.sh`` and ``pids.json``.
+        directory: holds ``postgres/``, ``seaweedfs/``, ``env.sh`` and the state file ``pids.json``
+            (each server's pid, start time, program and directory: what ``down`` checks before a signal).
         dry_run: only check the binaries and that the directory is usable.
 
     Returns:
@@ -560,20 +705,33 @@ def _print_started(directory: Path, pg: PostgresServer, s3: SeaweedServer, versi
 
 
 def down(directory: Path) -> int:
-    """Stop the servers ``up`` started in ``directory``, by pid. Data stays on disk.
+    """Stop the servers ``up`` started in ``directory``. Data stays on disk.
+
+    A server is signalled only while its pid is still the very process ``up``
+    recorded (same start time, program and data directory); anything else is
+    reported as not ours and left alone. The state file is removed either way.
 
     Returns:
         The exit status (0 also when nothing was running).
     """
-    state = _read_state(directory.absolute())
+    directory = directory.absolute()
+    state = _read_state(directory)
     if state is None:
-        print(f"nothing to stop: no {directory / 'pids.json'}")
+        print(f"nothing to stop: no {directory / STATE_FILE}")
         return 0
-    stop_pid(state["postgres"]["pid"], "postgres", sig=signal.SIGINT)
-    stop_pid(state["seaweedfs"]["pid"], "weed")
-    remove_weed_sockets(state["seaweedfs"]["ports"])
-    (directory / "pids.json").unlink()
-    print(f"stopped PostgreSQL (pid {state['postgres']['pid']}) and SeaweedFS (pid {state['seaweedfs']['pid']})")
+    for label, key, sig in (("PostgreSQL", "postgres", signal.SIGINT), ("SeaweedFS", "seaweedfs", signal.SIGTERM)):
+        entry = state.get(key)
+        process = ProcessIdentity.from_dict(entry)
+        why = "the state file records no process identity" if process is None else process.mismatch()
+        if process is None or why is not None:
+            pid = entry.get("pid", "?") if isinstance(entry, dict) else "?"
+            print(f"{label}: pid {pid} is not the process `up` started ({why}); not ours, left alone")
+            continue
+        stop_pid(process, sig=sig)
+        if key == "seaweedfs":
+            remove_weed_sockets(entry.get("ports", []))
+        print(f"stopped {label} (pid {process.pid})")
+    (directory / STATE_FILE).unlink(missing_ok=True)
     return 0
 
 
@@ -583,38 +741,46 @@ def status(directory: Path) -> int:
     Returns:
         0 when both run and answer, 1 otherwise.
     """
-    state = _read_state(directory.absolute())
+    directory = directory.absolute()
+    state = _read_state(directory)
     if state is None:
-        print(f"not running: no {directory / 'pids.json'}; start with `python -m tuning.services up --dir {directory}`")
+        print(f"not running: no {directory / STATE_FILE}; start with `python -m tuning.services up --dir {directory}`")
         return 1
-    rows = [("postgres", "postgres", state["postgres"]), ("seaweedfs", "weed", state["seaweedfs"])]
     healthy = True
-    for label, name, entry in rows:
-        ok = pid_alive(entry["pid"], name) and port_accepts(entry["port"])
+    for key in ("postgres", "seaweedfs"):
+        entry = state.get(key) if isinstance(state.get(key), dict) else {}
+        process = ProcessIdentity.from_dict(entry)
+        ok = process is not None and process.alive() and port_accepts(int(entry.get("port", 0)))
         healthy &= ok
-        print(f"{label:<10} {'running' if ok else 'STOPPED':<8} pid {entry['pid']:<8} {entry['url']}")
+        print(f"{key:<10} {'running' if ok else 'STOPPED':<8} pid {entry.get('pid', '?')!s:<8} {entry.get('url', '')}")
     return 0 if healthy else 1
 
 
 def _running(directory: Path) -> bool:
-    state = _read_state(directory)
-    return state is not None and (
-        pid_alive(state["postgres"]["pid"], "postgres") or pid_alive(state["seaweedfs"]["pid"], "weed")
-    )
+    state = _read_state(directory) or {}
+    identities = [ProcessIdentity.from_dict(state.get(key)) for key in ("postgres", "seaweedfs")]
+    return any(p is not None and p.alive() for p in identities)
 
 
 def _read_state(directory: Path) -> dict | None:
-    path = directory / "pids.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    """The state file's content; ``{}`` when it is unreadable (then nothing in it is trusted); None when absent."""
+    path = directory / STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def _write_state(directory: Path, pg: PostgresServer, s3: SeaweedServer) -> None:
     state = {
-        "postgres": {"pid": pg.pid, "port": pg.port, "url": pg.url, "data_dir": str(pg.data_dir)},
-        "seaweedfs": {"pid": s3.pid, "port": s3.port, "url": s3.endpoint, "ports": list(s3.ports),
+        "postgres": {**pg.process.to_dict(), "port": pg.port, "url": pg.url, "data_dir": str(pg.data_dir)},
+        "seaweedfs": {**s3.process.to_dict(), "port": s3.port, "url": s3.endpoint, "ports": list(s3.ports),
                       "base_dir": str(s3.base_dir)},
     }
-    (directory / "pids.json").write_text(json.dumps(state, indent=2) + "\n")
+    (directory / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     env = {
         "HEIMDALL_CATALOG": pg.url,
         "HEIMDALL_S3_ENDPOINT": s3.endpoint,
@@ -627,6 +793,12 @@ def _write_state(directory: Path, pg: PostgresServer, s3: SeaweedServer) -> None
     _write_private(directory / "env.sh", header + "\n".join(lines) + "\n")
 
 
+def services_dir(flag: Path | None = None) -> Path:
+    """The services directory: ``--dir``, else ``services/`` in the data directory
+    (``HEIMDALL_DATA_DIR``, else ``./.heimdall``), as every other command resolves it."""
+    return (flag or resolve_data_dir() / SERVICES_SUBDIR).absolute()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI: ``up``, ``down`` and ``status``, each with ``--dir``."""
     examples = __doc__.split("Commands to copy::\n\n", 1)[1].split("\n\n", 1)[0]
@@ -636,11 +808,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="{up,down,status}")
     for name, help_text in (("up", "start PostgreSQL and SeaweedFS in the background, write DIR/env.sh"),
-                            ("down", "stop both servers by pid (data stays)"),
+                            ("down", "stop both servers `up` started (data stays); other processes are left alone"),
                             ("status", "show pid, url and liveness; exit 1 unless both run")):
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("--dir", type=Path, default=DEFAULT_DIR, metavar="DIR",
-                         help=f"directory for data, logs, env.sh and pids.json (default: {DEFAULT_DIR})")
+        sub.add_argument("--dir", type=Path, default=None, metavar="DIR",
+                         help=f"directory for data, logs, env.sh and {STATE_FILE} "
+                              f"(default: $HEIMDALL_DATA_DIR/{SERVICES_SUBDIR}, else {DEFAULT_DIR})")
         if name == "up":
             sub.add_argument("--dry-run", action="store_true", help="check binaries and DIR, start nothing")
     return parser
@@ -650,12 +823,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.dir.exists() and not args.dir.is_dir():
-        parser.error(f"--dir {args.dir} exists and is not a directory; pick another path")
+    directory = services_dir(args.dir)
+    if directory.exists() and not directory.is_dir():
+        parser.error(f"--dir {directory} exists and is not a directory; pick another path")
     try:
         if args.command == "up":
-            return up(args.dir, dry_run=args.dry_run)
-        return down(args.dir) if args.command == "down" else status(args.dir)
+            return up(directory, dry_run=args.dry_run)
+        return down(directory) if args.command == "down" else status(directory)
     except ServiceError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

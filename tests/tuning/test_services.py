@@ -20,6 +20,7 @@ from heimdall.store import S3Settings
 from heimdall.store.s3 import S3Store
 from tuning.services import (
     PostgresServer,
+    ProcessIdentity,
     SeaweedServer,
     ServiceError,
     pid_alive,
@@ -115,9 +116,12 @@ def test_cli_up_status_down_round_trip_keeps_data(service_dir: Path) -> None:
         S3Store(S3Settings.from_env(env), "cli-bucket").put("kept", b"across restarts")
         assert _cli("up", "--dir", str(service_dir)).stdout.startswith("already running")
         pids = json.loads((service_dir / "pids.json").read_text())
+        ours = [ProcessIdentity.from_dict(pids[key]) for key in ("postgres", "seaweedfs")]
+        assert all(p is not None and p.alive() and str(service_dir) in p.marker for p in ours), pids
     status = _cli("status", "--dir", str(service_dir))
     assert status.returncode == 1 and "not running" in status.stdout
     assert not pid_alive(pids["postgres"]["pid"], "postgres") and not pid_alive(pids["seaweedfs"]["pid"], "weed")
+    assert not any(p.alive() for p in ours)
     with _cli_up(service_dir):
         assert S3Store(S3Settings.from_env(_sourced(env_sh)), "cli-bucket").get("kept") == b"across restarts"
 
