@@ -19,17 +19,23 @@ which lets :func:`reconcile_optuna` match the two bookkeepings after a crash.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import json
 import math
 import os
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import optuna
+import pyarrow.fs
+import ray.cloudpickle
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
@@ -39,9 +45,6 @@ from heimdall.store import S3Settings, open_store
 from tuning.pipeline import READ_CONCURRENCY, READ_NUM_CPUS, FeatureCache
 from tuning.spaces import SearchSpace, to_optuna
 from tuning.trainer import EPOCHS_METRIC, OBJECTIVES, OPTUNA_NUMBER_KEY, Objective, TrialSpec, run_trial
-
-if TYPE_CHECKING:
-    import pyarrow.fs
 
 __all__ = [
     "StudyConfig",
@@ -55,13 +58,18 @@ __all__ = [
     "check_resumable",
     "plan_resources",
     "NumberedSpace",
+    "StudySearch",
     "make_searcher",
     "make_scheduler",
     "trial_name",
     "make_trainable",
     "build_tuner",
     "restore_tuner",
+    "ResumeReconciliation",
+    "reconcile_for_resume",
     "reconcile_optuna",
+    "INTERRUPTED_ATTR",
+    "mark_interrupted",
     "StudyProgress",
 ]
 
@@ -425,8 +433,57 @@ class NumberedSpace:
         return {**fixed, OPTUNA_NUMBER_KEY: trial.number}
 
 
-def make_searcher(config: StudyConfig, space: SearchSpace, storage: optuna.storages.BaseStorage) -> OptunaSearch:
-    """OptunaSearch with a seeded TPE sampler, keeping the study in ``storage``.
+class StudySearch(OptunaSearch):
+    """``OptunaSearch`` that never writes into a trial Optuna has already finished.
+
+    Optuna commits a trial's end (``tell``) the moment Tune stops it, while
+    Tune saves its own experiment state only every few seconds. A driver that
+    dies in between leaves a trial finished in Optuna and running in Tune's
+    state; resumed, Tune restarts it and its replayed result would make
+    ``report()`` raise ``UpdateFinishedTrialError`` and end the study.
+    :func:`reconcile_for_resume` closes such trials in Tune's state before the
+    restore; this class is the second line: results and ends of trials that
+    Optuna finished are dropped, whatever the order of events.
+
+    Intermediate values are reported per completed epoch
+    (:data:`~tuning.trainer.EPOCHS_METRIC`), not per Tune iteration, which
+    restarts from 1 when a trial function is restarted.
+    """
+
+    def _finished_in_optuna(self, trial_id: str) -> bool:
+        if trial_id in self._completed_trials:
+            return True
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None:
+            return False
+        if self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+            self._completed_trials.add(trial_id)
+            return True
+        return False
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """Report the objective at the trial's epoch, unless Optuna finished the trial."""
+        value = result.get(self.metric)
+        if value is None or self._finished_in_optuna(trial_id) or trial_id not in self._ot_trials:
+            return
+        step = int(result.get(EPOCHS_METRIC) or result.get("training_iteration") or 0)
+        self._ot_trials[trial_id].report(float(value), step)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        """Tell Optuna the trial's end, unless it already knows it."""
+        if self._finished_in_optuna(trial_id):
+            return
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Load the pickled searcher, then take the trials Optuna finished since as finished."""
+        super().restore(checkpoint_path)
+        for trial_id in list(self._ot_trials):
+            self._finished_in_optuna(trial_id)
+
+
+def make_searcher(config: StudyConfig, space: SearchSpace, storage: optuna.storages.BaseStorage) -> StudySearch:
+    """A :class:`StudySearch` with a seeded TPE sampler, keeping the study in ``storage``.
 
     Creating it creates (or loads) the Optuna study, so a storage problem shows here.
     """
@@ -434,7 +491,7 @@ def make_searcher(config: StudyConfig, space: SearchSpace, storage: optuna.stora
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=config.tpe_startup_trials)
-    return OptunaSearch(
+    return StudySearch(
         space=NumberedSpace(to_optuna(space)), metric=objective.metric, mode=objective.mode,
         sampler=sampler, study_name=config.name, storage=storage,
     )
@@ -506,18 +563,214 @@ def build_tuner(
     )
 
 
-def restore_tuner(config: StudyConfig, trainable: Any, runs: RunStorage) -> tune.Tuner:
+def restore_tuner(config: StudyConfig, trainable: Any, runs: RunStorage,
+                  storage: optuna.storages.BaseStorage | None = None,
+                  note: Callable[[str], None] = print) -> tune.Tuner:
     """The Tuner of an interrupted study: finished trials stay, unfinished ones continue.
 
-    The searcher (with its Optuna study), the scheduler and the callbacks come
-    back from the experiment state; unfinished trials restart their trial
-    function, which resumes its Train run from the last checkpoint. Errored
-    trials stay errored: their failure outlived Train's own retries.
+    First :func:`reconcile_for_resume` makes Tune's saved state agree with the
+    Optuna study, whatever moment the driver died at (``note`` gets one line
+    when it changed something). Then the searcher (with its Optuna study), the
+    scheduler and the callbacks come back from the experiment state;
+    unfinished trials restart their trial function, which resumes its Train
+    run from the last checkpoint. Errored trials stay errored: their failure
+    outlived Train's own retries. Without ``storage`` nothing is reconciled:
+    a trial Optuna finished after Tune's last save is then rerun.
     """
+    if storage is not None:
+        done = reconcile_for_resume(storage, runs, config)
+        if done.changed:
+            note(f"resume:    {done.describe()}")
     return tune.Tuner.restore(
         runs.experiment_path(config.name), trainable=trainable, resume_unfinished=True, resume_errored=False,
         storage_filesystem=runs.filesystem,
     )
+
+
+#: Tune's experiment state (trials) and its search wrappers' state (the concurrency limit).
+_EXPERIMENT_STATE = "experiment_state-*.json"
+_SEARCH_STATE = "search_gen_state-*.json"
+_OPTUNA_FINISHED = {
+    optuna.trial.TrialState.COMPLETE: "TERMINATED",
+    optuna.trial.TrialState.PRUNED: "TERMINATED",
+    optuna.trial.TrialState.FAIL: "ERROR",
+}
+
+
+@dataclass(frozen=True)
+class ResumeReconciliation:
+    """What :func:`reconcile_for_resume` did, by Optuna trial number.
+
+    Attributes:
+        closed: trials Optuna had finished but Tune's state had not: closed there, not rerun.
+        completed: trials that had trained every epoch, and Tune had logged the last one, but
+            whose end neither bookkeeping had saved: told COMPLETE to Optuna and closed in Tune.
+        resumed: unfinished in both: Tune reruns them from their last checkpoint.
+        orphans: RUNNING in Optuna without a Tune trial (asked just before the driver died): FAIL.
+    """
+
+    closed: tuple[int, ...] = ()
+    completed: tuple[int, ...] = ()
+    resumed: tuple[int, ...] = ()
+    orphans: tuple[int, ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        """Whether any bookkeeping was written."""
+        return bool(self.closed or self.completed or self.orphans)
+
+    def describe(self) -> str:
+        """One line, naming trials by Optuna number."""
+        parts = [(self.closed, "finished in Optuna, closed in Tune's state"),
+                 (self.completed, "trained to the end, recorded as complete"),
+                 (self.resumed, "continue from their last checkpoint"),
+                 (self.orphans, "asked but never started, marked FAIL")]
+        return "; ".join(f"{', '.join(f'#{n}' for n in numbers)} {what}" for numbers, what in parts if numbers)
+
+
+def _experiment_fs(runs: RunStorage, name: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    return runs.filesystem or pyarrow.fs.LocalFileSystem(), runs.experiment_path(name)
+
+
+def _newest(fs: pyarrow.fs.FileSystem, directory: str, pattern: str) -> str | None:
+    """Newest file of ``pattern`` in ``directory``; Tune picks the greatest name too."""
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(directory, allow_not_found=True))
+    names = fnmatch.filter([i.base_name for i in infos if i.type == pyarrow.fs.FileType.File], pattern)
+    return f"{directory}/{max(names)}" if names else None
+
+
+def _read(fs: pyarrow.fs.FileSystem, path: str) -> bytes | None:
+    try:
+        with fs.open_input_stream(path) as src:
+            return src.read()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _replace(fs: pyarrow.fs.FileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all (a kill mid-write leaves the old file)."""
+    temporary = f"{path}.{uuid.uuid4().hex}.part"
+    with fs.open_output_stream(temporary) as out:
+        out.write(data)
+    fs.move(temporary, path)
+
+
+def _logged_results(fs: pyarrow.fs.FileSystem, trial_dir: str) -> list[dict[str, Any]]:
+    """The results Tune logged for a trial (``result.json``, one per line, appended as they came)."""
+    text = (_read(fs, f"{trial_dir}/result.json") or b"").decode("utf-8", errors="replace")
+    results = []
+    for line in text.splitlines():
+        try:
+            results.append(json.loads(line))
+        except ValueError:
+            break  # a line cut short by the kill: nothing after it was logged either
+    return results
+
+
+def reconcile_for_resume(storage: optuna.storages.BaseStorage, runs: RunStorage,
+                         config: StudyConfig) -> ResumeReconciliation:
+    """Make Tune's saved experiment state agree with the Optuna study before it is restored.
+
+    Optuna commits each trial's end at once; Tune saves its state every few
+    seconds. So a killed driver can leave, for a Tune trial still unfinished
+    in Tune's state:
+
+    * an Optuna trial already COMPLETE, PRUNED or FAIL, and Tune's saved
+      results (``result.json``, synced with its state) reach the last epoch
+      Optuna saw: the trial is closed in Tune's state (TERMINATED, or ERROR for
+      FAIL) with that result, so it is neither rerun nor lost. When they lag,
+      the trial is rerun from its last Train checkpoint, which reports the
+      missing result again; :class:`StudySearch` keeps it out of Optuna;
+    * an Optuna trial RUNNING whose last logged result is its final epoch: it
+      is told COMPLETE with that result's objective and closed the same way
+      (rerun, it would log that epoch a second time);
+    * otherwise the trial is left to Tune, which reruns it from its last
+      checkpoint and reports into its RUNNING Optuna trial.
+
+    Optuna trials RUNNING without any Tune trial are marked FAIL
+    (:func:`reconcile_optuna`). Every write is whole-file and the steps are
+    idempotent, so a driver killed during the reconciliation itself is
+    reconciled on the next ``--resume``.
+
+    Args:
+        storage: the Optuna storage.
+        runs: the run storage holding the Tune experiment.
+        config: the study.
+
+    Returns:
+        What was found and done.
+
+    Raises:
+        NotFoundError: the run storage holds no Tune experiment state for the study.
+    """
+    fs, experiment = _experiment_fs(runs, config.name)
+    state_path = _newest(fs, experiment, _EXPERIMENT_STATE)
+    raw = _read(fs, state_path) if state_path else None
+    if raw is None:
+        raise NotFoundError(f"no Tune experiment state ({_EXPERIMENT_STATE}) in {experiment}; fix: check --name "
+                            f"and --storage-path, or start the study without --resume")
+    state = json.loads(raw)
+    study_id = storage.get_study_id_from_name(config.name)
+    optuna_trials = {t.number: t for t in storage.get_all_trials(study_id, deepcopy=False)}
+    metric = config.objective_spec.metric
+    closed: list[int] = []
+    completed: list[int] = []
+    resumed: list[int] = []
+    closed_ids: list[str] = []
+    numbers: set[int] = set()
+    for entry in state["trial_data"]:
+        trial, meta = json.loads(entry[0]), json.loads(entry[1])
+        settings = trial.get("config")  # plain JSON: flat parameters and the Optuna number
+        number = settings.get(OPTUNA_NUMBER_KEY) if isinstance(settings, dict) else None
+        if number is None:
+            continue
+        numbers.add(int(number))
+        ot = optuna_trials.get(int(number))
+        if trial["status"] in ("TERMINATED", "ERROR") or ot is None:
+            continue
+        logged = _logged_results(fs, f"{experiment}/{trial['relative_logdir']}")
+        last = logged[-1] if logged else None
+        value = last.get(metric) if last else None
+        epochs = int(last.get(EPOCHS_METRIC, 0)) if last else 0
+        if ot.state in _OPTUNA_FINISHED:
+            if epochs < max(ot.intermediate_values, default=1):
+                # Optuna saw epochs that Tune's saved results lack (they are synced with its state):
+                # rerun, so the trial reports them again from its Train checkpoint; StudySearch keeps
+                # them out of the finished Optuna trial.
+                resumed.append(ot.number)
+                continue
+            trial["status"] = _OPTUNA_FINISHED[ot.state]
+            closed.append(ot.number)
+        elif epochs >= config.max_epochs and isinstance(value, (int, float)) and math.isfinite(value):
+            storage.set_trial_state_values(ot._trial_id, optuna.trial.TrialState.COMPLETE, [float(value)])
+            trial["status"] = "TERMINATED"
+            completed.append(ot.number)
+        else:
+            resumed.append(ot.number)
+            continue
+        if last is not None and epochs >= int(meta.get("last_result", {}).get(EPOCHS_METRIC, 0)):
+            meta["last_result"] = last
+            meta["last_result_time"] = last.get("timestamp", meta.get("last_result_time"))
+        entry[0], entry[1] = json.dumps(trial, indent=2), json.dumps(meta, indent=2)
+        closed_ids.append(trial["trial_id"])
+    orphans = reconcile_optuna(storage, config.name, numbers)
+    if closed_ids:
+        # The concurrency limiter counts the closed trials as running until Tune ends them, which it
+        # now never will: without this it would wait forever for a free slot. Written first, and
+        # idempotent, so a kill between the two writes is repaired by the next resume.
+        search_path = _newest(fs, experiment, _SEARCH_STATE)
+        search_raw = _read(fs, search_path) if search_path else None
+        if search_raw is not None:
+            search = ray.cloudpickle.loads(search_raw)
+            limiter = search.get("name:ConcurrencyLimiter")
+            if limiter is not None and any(t in limiter["live_trials"] for t in closed_ids):
+                for trial_id in closed_ids:
+                    if trial_id in limiter["live_trials"]:
+                        limiter["live_trials"].discard(trial_id)
+                        limiter["num_unfinished_live_trials"] = max(0, limiter["num_unfinished_live_trials"] - 1)
+                _replace(fs, search_path, ray.cloudpickle.dumps(search))
+        _replace(fs, state_path, json.dumps(state).encode("utf-8"))
+    return ResumeReconciliation(tuple(closed), tuple(completed), tuple(resumed), tuple(orphans))
 
 
 def reconcile_optuna(storage: optuna.storages.BaseStorage, name: str, tune_numbers: set[int]) -> list[int]:
@@ -542,6 +795,39 @@ def reconcile_optuna(storage: optuna.storages.BaseStorage, name: str, tune_numbe
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
         storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
     return orphans
+
+
+#: Optuna system attribute set on trials that were running when the study was interrupted.
+INTERRUPTED_ATTR = "heimdall:interrupted"
+
+
+def mark_interrupted(storage: optuna.storages.BaseStorage, name: str, tune_numbers: set[int]) -> list[int]:
+    """Leave Optuna agreeing with Tune after an interrupted ``fit()``.
+
+    Call it once ``Tuner.fit()`` has returned because of SIGINT/SIGTERM (Tune
+    has then saved its state, with the running trials as to be resumed), not
+    from the signal handler. The trials Tune will resume stay RUNNING in
+    Optuna, since ``--resume`` reports their next epochs into them and Optuna
+    cannot reopen a finished trial; each gets the system attribute
+    :data:`INTERRUPTED_ATTR` (when, UTC) so a study never resumed shows why
+    they run. Optuna trials that no Tune trial holds are marked FAIL
+    (:func:`reconcile_optuna`).
+
+    Args:
+        storage: the Optuna storage.
+        name: the study name.
+        tune_numbers: Optuna trial numbers of every Tune trial (from their configs).
+
+    Returns:
+        The numbers of the trials left RUNNING and marked interrupted.
+    """
+    reconcile_optuna(storage, name, tune_numbers)
+    study_id = storage.get_study_id_from_name(name)
+    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    running = storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for trial in running:
+        storage.set_trial_system_attr(trial._trial_id, INTERRUPTED_ATTR, when)
+    return [t.number for t in running]
 
 
 # -- live progress ----------------------------------------------------------------------------
