@@ -22,26 +22,38 @@ Example::
     module = LocalizationModule(model, LossConfig(), OptimizerConfig(max_epochs=12), TargetScaling())
     pl.Trainer(max_epochs=12).fit(module, datamodule)
     restored = LocalizationModule.from_checkpoint("last.ckpt")
+
+A checkpoint is data, never code: :func:`read_checkpoint` loads with
+``torch.load(weights_only=True)`` (tensors, dicts, lists, str, numbers, bool,
+None) and refuses anything that would build another Python object, with no
+fallback. Everything this module writes stays inside that set:
+:meth:`LocalizationModule.on_save_checkpoint` checks (and converts numpy
+values and paths in) what Lightning, Ray's report callback and our callbacks
+put into each checkpoint.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import pickle
+import re
+import zipfile
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from heimdall.errors import ConfigError, collect_problems
+from heimdall.errors import ConfigError, DataError, collect_problems
 from heimdall.features import FeatureConfig, validate_features
 from heimdall.losses import LossConfig, localization_loss, validate_model_and_loss
 from heimdall.metrics import localization_report
 from heimdall.models import GeographicOutput, TargetScaling, build_model, decode_head
 
-__all__ = ["SCHEDULES", "OptimizerConfig", "LocalizationModule"]
+__all__ = ["SCHEDULES", "OptimizerConfig", "LocalizationModule", "CheckpointError", "read_checkpoint", "plain_checkpoint"]
 
 SCHEDULES = ("cosine", "constant", "onecycle")
 
@@ -116,6 +128,124 @@ def _lr_factor(schedule: str, progress_epochs: float, warmup: float, max_epochs:
     return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+
+# -- checkpoints are data ---------------------------------------------------------------
+
+_RETRAIN = ("fix: re-train it (python -m tuning.train) or re-run the study (python -m tuning.run): "
+            "both write checkpoints of plain tensors and config")
+# How torch's weights-only unpickler names a class or function the file asks for (refused or blocked).
+_UNSAFE_GLOBAL = re.compile(r"\bGLOBAL (\S+)")
+# Leaves that torch.load(weights_only=True) rebuilds; exact types, since a subclass pickles as its class.
+_PLAIN_TYPES = (str, int, float, bool, complex, bytes, type(None), torch.dtype, torch.device)
+
+
+class CheckpointError(DataError):
+    """A file that is not a checkpoint this version can read as data.
+
+    Missing, not a ``torch.save`` archive, holding Python objects beyond tensors
+    and plain values (an older format, or a hostile file), or not written by
+    :class:`LocalizationModule`.
+    """
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint as data: tensors and plain values only, never code.
+
+    ``torch.load(weights_only=True)``, with no fallback: a file that needs more
+    (a pickled class or function) is refused before any of it runs.
+
+    Args:
+        path: a ``.ckpt`` file.
+        map_location: where tensors go.
+
+    Returns:
+        The checkpoint dict.
+
+    Raises:
+        CheckpointError: the file is missing, not a PyTorch checkpoint, holds
+            Python objects other than tensors and plain values, or is not a dict.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; fix: pass the .ckpt file inside it")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; fix: pass the .ckpt file written by "
+                              "python -m tuning.train (its report.json names it) or by a study's trial")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (not a torch.save archive: another kind of "
+                              "file, or truncated); fix: pass the .ckpt file that training wrote")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        unsafe = _UNSAFE_GLOBAL.search(str(exc))
+        if unsafe is None:
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_one_line(exc)}); "
+                                  "fix: pass the .ckpt file that training wrote") from None
+        raise CheckpointError(
+            f"{path} holds Python objects ({unsafe.group(1)}), not only tensors and plain values: loading it could "
+            f"run code, so it is refused; a checkpoint from an older Heimdall version, or a file from an untrusted "
+            f"source, looks like this; {_RETRAIN}") from None
+    except Exception as exc:  # a damaged archive raises many unrelated types; none of its code has run
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {_one_line(exc)}); "
+                              "fix: pass the .ckpt file that training wrote") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict; "
+                              "fix: pass the .ckpt file that training wrote")
+    return ckpt
+
+
+def plain_checkpoint(value: Any, where: str = "checkpoint") -> Any:
+    """``value`` in the form ``torch.load(weights_only=True)`` reads, converted in place where needed.
+
+    Tensors and plain values stay; numpy arrays become tensors, numpy scalars
+    Python numbers, paths strings, dict/list/tuple subclasses their plain base.
+
+    Args:
+        value: a checkpoint dict (or any part of one).
+        where: its name in messages.
+
+    Returns:
+        The plain value (the same object for dicts and lists, filled in place).
+
+    Raises:
+        TypeError: any other object (a dataclass, a function, ...), named with its key path:
+            store it as a dict (``to_dict()``/``dataclasses.asdict``) or a str instead.
+    """
+    if type(value) in _PLAIN_TYPES or isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, dict):
+        out = value if type(value) in (dict, OrderedDict, Counter) else dict(value)
+        for key in list(out):
+            if type(key) not in (str, int, float, bool, type(None)):
+                raise TypeError(f"{where} has a key of type {type(key).__qualname__} ({key!r}), which a "
+                                "weights-only load refuses; use str keys")
+            out[key] = plain_checkpoint(out[key], f"{where}[{key!r}]")
+        return out
+    if isinstance(value, (list, set)):
+        items = [plain_checkpoint(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if type(value) is list:
+            value[:] = items
+            return value
+        return items if isinstance(value, list) else set(items)
+    if isinstance(value, tuple):
+        items = [plain_checkpoint(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return value if type(value) is torch.Size else tuple(items)
+    raise TypeError(f"{where} holds a {type(value).__module__}.{type(value).__qualname__}, which "
+                    "torch.load(weights_only=True) refuses; store it as a dict (to_dict(), dataclasses.asdict) "
+                    "or as str/int/float/bool/list instead")
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 class LocalizationModule(pl.LightningModule):
     """Train and validate one localization network.
 
@@ -182,18 +312,43 @@ class LocalizationModule(pl.LightningModule):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> LocalizationModule:
-        """Rebuild a trained module from a Lightning checkpoint written by this class.
+        """Rebuild a trained module from a checkpoint written by this class (read as data, never code).
 
         Raises:
-            ConfigError: when the checkpoint holds no hyperparameters of this module.
+            CheckpointError: see :func:`read_checkpoint`; also a checkpoint without this module's
+                hyperparameters, whose hyperparameters no longer build a model, or whose weights
+                do not fit them.
         """
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-        hparams = ckpt.get("hyper_parameters")
-        if not hparams or "arch" not in hparams:
-            raise ConfigError("checkpoint", [f"{path} has no LocalizationModule hyperparameters; was it written by another module?"])
-        module = cls.from_hparams(dict(hparams))
-        module.load_state_dict(ckpt["state_dict"])
+        ckpt = read_checkpoint(path, map_location)
+        hparams, state = ckpt.get("hyper_parameters"), ckpt.get("state_dict")
+        if not isinstance(hparams, dict) or "arch" not in hparams or not isinstance(state, dict):
+            raise CheckpointError(f"{path} holds no LocalizationModule hyperparameters and weights (another "
+                                  "module's checkpoint?); fix: pass a checkpoint written by tuning.train or a study")
+        try:
+            module = cls.from_hparams(dict(hparams))
+        except (ValueError, KeyError, TypeError) as exc:  # ConfigError is a ValueError
+            raise CheckpointError(f"{path}: its hyperparameters do not build a model in this version "
+                                  f"({_one_line(exc)}); {_RETRAIN}") from None
+        try:
+            module.load_state_dict(state)
+        except (RuntimeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path}: its weights do not match the architecture in its own hyperparameters "
+                                  f"({_one_line(exc)}); fix: use the checkpoint the training wrote, unmodified") from None
         return module
+
+    def write_checkpoint(self, path: str | Path) -> Path:
+        """Save hyperparameters and weights (calibration included) as plain data :meth:`from_checkpoint` reads."""
+        ckpt = plain_checkpoint({"hyper_parameters": dict(self.hparams), "state_dict": self.state_dict()})
+        torch.save(ckpt, path)
+        return Path(path)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep every checkpoint loadable with ``weights_only=True``.
+
+        Lightning calls this last, after loops, callbacks (Ray's report callback
+        included) and optimizers have added their state, so the check sees it all.
+        """
+        plain_checkpoint(checkpoint)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The network's head (B, 4|5), normalised units."""

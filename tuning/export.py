@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from heimdall.errors import ConfigError, DataError, HeimdallError, collect_problems
+from heimdall.errors import DataError, HeimdallError, collect_problems
 from heimdall.features import FeatureConfig
 from heimdall.geometry import LocalFrame, haversine_km
 from heimdall.metrics import LocalizationReport, localization_report
@@ -195,6 +195,10 @@ def load_checkpoint(path: str | Path, expected: TrialConfigs | None = None,
                     feature_config: FeatureConfig | None = None) -> LocalizationModule:
     """Rebuild a trained module, refusing a checkpoint that does not match its config.
 
+    The file is read as data (``torch.load(weights_only=True)``, see
+    :func:`heimdall.module.read_checkpoint`): a checkpoint planted in the run
+    storage cannot run code here.
+
     Args:
         path: a Lightning checkpoint of :class:`LocalizationModule` (or ``calibrated.ckpt``), or a
             directory holding exactly one ``.ckpt`` file (a Ray Train checkpoint directory).
@@ -205,34 +209,28 @@ def load_checkpoint(path: str | Path, expected: TrialConfigs | None = None,
         The module in eval mode.
 
     Raises:
-        ConfigError: a missing or unreadable file, weights that do not fit the
-            architecture of the saved hyperparameters, or configs that differ
-            (every difference listed).
+        CheckpointError: a missing file, a file that is not a plain-data checkpoint of this module,
+            or weights that do not fit the architecture of its saved hyperparameters.
+        ConfigError: configs that differ from ``expected``/``feature_config`` (every difference listed).
     """
     from heimdall.module import LocalizationModule  # Lightning: imported only by those who load checkpoints
 
     path = _checkpoint_file(Path(path))
-    try:
-        module = LocalizationModule.from_checkpoint(path)
-    except (RuntimeError, KeyError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[:4]
-        raise ConfigError("checkpoint", [
-            f"{path}: its weights do not match the architecture in its own hyperparameters "
-            f"({' '.join(first)}); fix: export the checkpoint the trial wrote, unmodified"]) from None
+    module = LocalizationModule.from_checkpoint(path)
     collect_problems(f"checkpoint {path}", _config_differences(module, expected, feature_config))
     return module.eval()
 
 
 def _checkpoint_file(path: Path) -> Path:
+    from heimdall.module import CheckpointError
+
     if path.is_dir():
         found = sorted(path.glob("*.ckpt"))
         if len(found) == 1:
             return found[0]
-        raise ConfigError("checkpoint", [f"{path} holds {len(found)} .ckpt files ({', '.join(p.name for p in found)}); "
-                                         "pass the file itself"])
-    if not path.is_file():
-        raise ConfigError("checkpoint", [f"{path} does not exist; pass the best trial's checkpoint file"])
-    return path
+        raise CheckpointError(f"checkpoint directory {path} holds {len(found)} .ckpt files "
+                              f"({', '.join(p.name for p in found) or 'none'}); fix: pass the file itself")
+    return path  # a missing file is named by read_checkpoint
 
 
 def _config_differences(module: LocalizationModule, expected: TrialConfigs | None,

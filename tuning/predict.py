@@ -112,8 +112,26 @@ def load_model(ref: str, *, mlflow_uri: str | None = None, data_dir: Path | None
         if not path.is_file():
             raise NotFoundError(f"model file {path} does not exist; pass a .onnx file or models:/heimdall-localization@champion")
         source = str(path)
-    metadata = ModelMetadata.from_file(path)
-    return LoadedModel(path, onnx_session(path, threads), metadata, source)
+    return LoadedModel(path, *_open_onnx(path, threads), source)
+
+
+def _open_onnx(path: Path, threads: int | None) -> tuple[onnxruntime.InferenceSession, ModelMetadata]:
+    """The session and metadata of an exported model; a file that is not one is a DataError, not a traceback."""
+    from google.protobuf.message import DecodeError
+
+    hint = "fix: pass the model.onnx of an export (python -m tuning.register) or models:/heimdall-localization@champion"
+    if path.stat().st_size == 0:
+        raise DataError(f"model file {path} is empty, not an ONNX model; {hint}")
+    try:
+        metadata = ModelMetadata.from_file(path)
+    except DecodeError:
+        raise DataError(f"model file {path} is not an ONNX model (it does not parse as one); {hint}") from None
+    try:
+        session = onnx_session(path, threads)
+    except Exception as exc:  # onnxruntime raises its own exception types, one per status code
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"model file {path} does not load in onnxruntime ({first}); {hint}") from None
+    return session, metadata
 
 
 def read_recording(paths: Sequence[Path], metadata: ModelMetadata, sample_rate_hz: float | None = None) -> Recording:

@@ -179,6 +179,8 @@ def prepare_export(checkpoint: str | Path, splits: Mapping[str, HeimdallDataset]
         ``out_dir``.
 
     Raises:
+        DataError: the test split is empty.
+        CheckpointError: the checkpoint is not a plain-data checkpoint of this module (a DataError).
         ConfigError: the checkpoint does not match its config.
         ExportError: the exporter failed.
         GateFailed: onnxruntime disagrees with PyTorch (``parity.json`` holds the report).
@@ -186,6 +188,7 @@ def prepare_export(checkpoint: str | Path, splits: Mapping[str, HeimdallDataset]
     from heimdall.evaluation import evaluate_split
 
     out = Path(out_dir)
+    _require_test_split(splits, str((lineage or {}).get("dataset", "")))
     module = load_checkpoint(checkpoint, expected, feature_config)
     evaluation = evaluate_split(module, dict(splits), generator_config=dict(generator_config) if generator_config else None)
     held = HeldOut.from_split(splits["test"], module, dataset=str((lineage or {}).get("dataset", "")))
@@ -213,6 +216,18 @@ def prepare_export(checkpoint: str | Path, splits: Mapping[str, HeimdallDataset]
         "format": 1, "study": replace(study, plots=tuple(plots)).to_dict(), "lineage": dict(lineage) if lineage else None,
         "model_sha256": file_sha256(model_path), "content_sha256": digest, "checkpoint": str(checkpoint)})
     return out
+
+
+def _require_test_split(splits: Mapping[str, HeimdallDataset], dataset: str) -> None:
+    """The gate and the card need held-out recordings: refuse an empty test split before exporting."""
+    from heimdall.datasets import SplitConfig
+
+    if "test" not in splits or len(splits["test"]) == 0:
+        counts = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+        raise DataError(f"dataset {dataset or '(unnamed)'!r} has no recordings in its test split ({counts}): nothing "
+                        f"to gate the export on; fix: use a dataset with more labelled recordings (about "
+                        f"{SplitConfig().test_fraction:.0%} land in test), e.g. "
+                        "python -m tuning.data generate --dataset NAME --recordings 1000")
 
 
 def _collect_plots(out: Path, given: Sequence[str], model_path: Path, held: HeldOut, module: Any) -> list[str]:
@@ -502,10 +517,10 @@ def _export_checkpoint(args: argparse.Namespace, out: Path) -> None:
     report = folder / "report.json"  # written next to calibrated.ckpt by tuning.train
     seeds = {"train": json.loads(report.read_text()).get("seed")} if report.is_file() else {}
     study = StudyRecord(args.study or f"train-{args.dataset}", seeds=seeds)
+    module_fc = load_checkpoint(args.checkpoint).feature_config  # before the data: a bad file fails at once
     with data.open_catalog() as catalog:
         info = catalog.get_dataset(args.dataset)
         lineage = data_lineage(catalog, args.dataset)
-        module_fc = load_checkpoint(args.checkpoint).feature_config
         splits = load_feature_splits(catalog, data.open_store(), args.dataset, feature_config=module_fc)
     prepare_export(args.checkpoint, splits, out, study=study, space=space, lineage=lineage, feature_config=module_fc,
                    generator_config=info.config if info.kind == "synthetic" else None)

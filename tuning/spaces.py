@@ -225,6 +225,9 @@ def _read_yaml(path: Path) -> Any:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(what, [f"cannot read the file: {e.strerror or e}; check the path"]) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(what, [f"not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); "
+                                 f"fix: save the file as UTF-8 YAML"]) from None
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:

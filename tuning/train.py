@@ -81,13 +81,16 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     model_config, loss, opt = _configs(args)
     pl.seed_everything(args.seed, workers=True, verbose=False)
+    # Before the dataset is read: a bad checkpoint fails in a second, not after the features.
+    evaluated = LocalizationModule.from_checkpoint(args.evaluate) if args.evaluate else None
     with settings.open_catalog() as catalog:
         info = catalog.get_dataset(args.dataset)
         with tqdm(total=info.n_recordings, unit="rec", desc="features") as bar:
             splits = load_feature_splits(catalog, settings.open_store(), args.dataset, progress=bar.update)
     print(f"splits: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
-    if args.evaluate:
-        return _report(LocalizationModule.from_checkpoint(args.evaluate), splits, info, out, args, 0.0, 0)
+    _require_splits(splits, args.dataset, ("test",) if evaluated else ("train", "test"))
+    if evaluated is not None:
+        return _report(evaluated, splits, info, out, args, 0.0, 0)
     module = LocalizationModule(build_model(args.arch, model_config), loss, opt)
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", monitor="val/nll_km", mode="min", save_last=True)
     trainer = pl.Trainer(
@@ -102,16 +105,28 @@ def run(args: argparse.Namespace) -> dict:
     return _report(best, splits, info, out, args, train_s, trainer.current_epoch)
 
 
+def _require_splits(splits: dict, dataset: str, names: Sequence[str]) -> None:
+    """Refuse an empty split before any work (an empty test split would fail only after training)."""
+    from heimdall.datasets import SplitConfig
+    from heimdall.errors import DataError
+
+    share = {"train": 1.0 - SplitConfig().val_fraction - SplitConfig().test_fraction, "test": SplitConfig().test_fraction}
+    for name in names:
+        if len(splits[name]) == 0:
+            raise DataError(f"dataset {dataset!r} has no recordings in its {name} split "
+                            f"({', '.join(f'{k} {len(v)}' for k, v in splits.items())}); fix: use a dataset with more "
+                            f"labelled recordings (about {share[name]:.0%} of them land in {name}), e.g. "
+                            f"python -m tuning.data generate --dataset NAME --recordings 1000")
+
+
 def _report(module, splits, info, out: Path, args: argparse.Namespace, train_s: float, epochs: int) -> dict:
     """Calibrate on val, score on test, save the calibrated checkpoint and report.json."""
-    import torch
-
     from heimdall.evaluation import evaluate_split
 
     report = evaluate_split(module, splits, generator_config=info.config if info.kind == "synthetic" else None)
     out.mkdir(parents=True, exist_ok=True)
     calibrated = out / "calibrated.ckpt"
-    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, calibrated)
+    module.write_checkpoint(calibrated)
     report.update(arch=module.hparams["arch"], dataset=info.name, recordings=info.n_recordings,
                   train_seconds=round(train_s, 1), epochs_run=epochs, checkpoint=str(calibrated), seed=args.seed)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))

@@ -336,7 +336,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Fit inside the context: for S3 storage the directory is a download that vanishes on exit.
     with checkpoint.as_directory() as directory:
         ckpt = Path(directory) / RayTrainReportCallback.CHECKPOINT_NAME
-        trainer.fit(module, train_dataloaders=train, val_dataloaders=val, ckpt_path=str(ckpt))
+        # A checkpoint is data: explicit, as Lightning leaves None to torch, whose default an env variable can turn off.
+        trainer.fit(module, train_dataloaders=train, val_dataloaders=val, ckpt_path=str(ckpt), weights_only=True)
     metrics.report_if_silent()
 
 

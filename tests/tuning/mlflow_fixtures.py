@@ -194,10 +194,7 @@ def tiny_module(seed: int = 0, head: str = "full", covariance_scale: float = 1.7
 
 def save_checkpoint(module: Any, path: Path) -> Path:
     """Save as ``tuning.train`` saves ``calibrated.ckpt``."""
-    import torch
-
-    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
-    return path
+    return module.write_checkpoint(path)
 
 
 def tiny_export(base: Path) -> TinyExport:

@@ -13,6 +13,7 @@ from onnx import numpy_helper
 from heimdall.errors import ConfigError, DataError
 from heimdall.features import FeatureConfig
 from heimdall.metrics import covariance_from_sigmas, ellipse_from_covariance
+from heimdall.module import CheckpointError
 from heimdall.receivers import STATION_IDS
 from tests.tuning.mlflow_fixtures import TinyExport, save_checkpoint, tiny_export, tiny_module
 from tuning.export import (
@@ -164,7 +165,7 @@ def test_a_checkpoint_that_does_not_match_its_config_is_refused(tmp_path: Path) 
     hparams["model_config"] = {**hparams["model_config"], "width": 8}
     bad = tmp_path / "bad.ckpt"
     torch.save({"hyper_parameters": hparams, "state_dict": state}, bad)
-    with pytest.raises(ConfigError, match="do not match the architecture"):
+    with pytest.raises(CheckpointError, match="do not match the architecture"):
         load_checkpoint(bad)
     good = save_checkpoint(module, tmp_path / "good.ckpt")
     other = TrialConfigs("resnet", module.model.config.__class__(stage_depths=(1,), width=8, stem_channels=1,
@@ -174,12 +175,12 @@ def test_a_checkpoint_that_does_not_match_its_config_is_refused(tmp_path: Path) 
         load_checkpoint(good, expected=other)
     with pytest.raises(ConfigError, match="feature config differs"):
         load_checkpoint(good, feature_config=FeatureConfig(db_scale=10.0))
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.ckpt")
     (tmp_path / "ray").mkdir()
     save_checkpoint(module, tmp_path / "ray" / "checkpoint.ckpt")
     assert load_checkpoint(tmp_path / "ray").hparams["arch"] == "resnet"  # a Train checkpoint directory
-    with pytest.raises(ConfigError, match="holds 2 .ckpt files"):
+    with pytest.raises(CheckpointError, match="holds 2 .ckpt files"):
         load_checkpoint(tmp_path)
 
 

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from heimdall.module import LocalizationModule
 from tuning.data import main as data_main
@@ -24,6 +25,11 @@ def test_train_reports_model_oracle_and_centre(tmp_path: Path, capsys: pytest.Ca
     assert "oracle" in capsys.readouterr().out
     module = LocalizationModule.from_checkpoint(report["checkpoint"])
     assert float(module.covariance_scale) == pytest.approx(report["covariance_scale"])
+    # Everything the command wrote is plain data: Lightning's checkpoints and calibrated.ckpt.
+    written = [Path(report["checkpoint"]), *sorted((out / "checkpoints").glob("*.ckpt"))]
+    assert len(written) >= 2
+    for path in written:
+        assert "state_dict" in torch.load(path, map_location="cpu", weights_only=True)
 
 
 def test_unknown_dataset_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
