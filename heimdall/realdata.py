@@ -16,6 +16,12 @@ captures are cut to the first ``n_samples`` samples; shorter ones, another
 sample rate, another dtype or non-finite samples are refused with the file
 named. A receiver is heard when it has a file and, if its ``snr_db`` is
 given, it reaches the generator's SNR threshold.
+
+Every ``metadata.json`` is checked before anything is written (:func:`read_metadata`):
+latitude in [-90, 90], longitude in [-180, 180], finite numbers elsewhere, a
+frequency > 0, known station ids; a field left out (or ``null``) means unknown.
+A broken file is one :class:`~heimdall.errors.DataError` naming the file, each
+bad field, its value and the valid range.
 """
 from __future__ import annotations
 
@@ -33,7 +39,12 @@ from heimdall.receivers import STATION_IDS, station_index
 from heimdall.scene import GeneratorConfig
 from heimdall.shards import ShardData
 
-__all__ = ["ImportConfig", "load_session", "import_sessions"]
+__all__ = ["ImportConfig", "read_metadata", "check_sessions", "load_session", "import_sessions"]
+
+# (field, low, high, unit) of the optional numbers in metadata.json; None: unbounded.
+_TRANSMITTER_FIELDS = (("lat", -90.0, 90.0, "degrees N"), ("lon", -180.0, 180.0, "degrees E"),
+                       ("power_dbm", None, None, "dBm"))
+_MEASUREMENT_FIELDS = (("signal_strength_db", None, None, "dBm"), ("snr_db", None, None, "dB"))
 
 
 @dataclass(frozen=True)
@@ -65,44 +76,144 @@ def _load_iq(path: Path, cfg: ImportConfig) -> np.ndarray:
     return iq
 
 
-def load_session(folder: Path, cfg: ImportConfig = ImportConfig()) -> tuple[np.ndarray, dict[str, object]]:
-    """Read one session folder into IQ (R, T) and its label values."""
-    meta_path = folder / "metadata.json"
+def _number(value: object, field: str, low: float | None, high: float | None, unit: str) -> str | None:
+    """Why ``value`` is not a valid number for ``field``, or None when it is (or is absent/null)."""
+    if value is None:
+        return None
+    if low is None:
+        rule = f"a finite number ({unit})"
+    elif high is None:
+        rule = f"a finite number > {low:g} ({unit})"
+    else:
+        rule = f"a number in [{low:g}, {high:g}] ({unit})"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"{field} must be {rule}, got {value!r} (a JSON {type(value).__name__})"
+    ok = math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if high is None else low <= value <= high
+    return None if ok else f"{field} must be {rule}, got {value!r}"
+
+
+def _object(value: object, field: str, problems: list[str]) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        problems.append(f"{field} must be a JSON object, got {value!r}")
+        return {}
+    return value
+
+
+def _metadata_problems(meta: dict, cfg: ImportConfig) -> list[str]:
+    problems = [p for p in (_number(meta.get("frequency_hz"), "frequency_hz", 0.0, None, "Hz"),
+                            _number(meta.get("sample_rate_hz"), "sample_rate_hz", 0.0, None, "Hz")) if p]
+    rate = meta.get("sample_rate_hz")
+    if not problems and rate is not None and rate != cfg.sample_rate_hz:
+        problems.append(f"sample rate must be {cfg.sample_rate_hz:.0f} Hz, got {rate:.0f}; resample the captures "
+                        f"to {cfg.sample_rate_hz:.0f} Hz before importing")
+    tx = _object(meta.get("transmitter"), "transmitter", problems)
+    problems += [p for f, lo, hi, unit in _TRANSMITTER_FIELDS if (p := _number(tx.get(f), f"transmitter.{f}", lo, hi, unit))]
+    if (tx.get("lat") is None) != (tx.get("lon") is None):
+        problems.append(f"transmitter needs both lat and lon or neither, got lat={tx.get('lat')!r}, lon={tx.get('lon')!r}")
+    measurements = _object(meta.get("measurements"), "measurements", problems)
+    for sid, m in measurements.items():
+        if sid not in STATION_IDS:
+            problems.append(f"measurements has unknown station id {sid!r}; valid ids are {', '.join(STATION_IDS)}")
+            continue
+        m = _object(m, f"measurements.{sid}", problems)
+        problems += [p for f, lo, hi, unit in _MEASUREMENT_FIELDS if (p := _number(m.get(f), f"measurements.{sid}.{f}", lo, hi, unit))]
+    return problems
+
+
+def read_metadata(path: Path, cfg: ImportConfig = ImportConfig()) -> dict:
+    """Read and check a session's ``metadata.json`` (see the module docstring for its fields).
+
+    Returns:
+        The parsed object; absent and ``null`` fields mean unknown.
+
+    Raises:
+        DataError: one line naming the file and every bad field with its value and valid range.
+    """
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(Path(path).read_bytes().decode("utf-8"))
     except FileNotFoundError:
-        raise DataError(f"{meta_path} is missing; every session needs its metadata.json (see heimdall.realdata)") from None
+        raise DataError(f"{path} is missing; every session needs its metadata.json (see heimdall.realdata)") from None
+    except OSError as exc:
+        raise DataError(f"{path} cannot be read: {exc.strerror or exc}; fix: check the file and its permissions") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.start}); fix: write metadata.json as UTF-8 JSON") from None
     except json.JSONDecodeError as exc:
-        raise DataError(f"{meta_path} is not valid JSON: {exc}") from None
-    rate = float(meta.get("sample_rate_hz", cfg.sample_rate_hz))
-    if rate != cfg.sample_rate_hz:
-        raise DataError(f"{meta_path}: sample rate must be {cfg.sample_rate_hz:.0f} Hz, got {rate:.0f}; "
-                        f"fix: resample the captures to {cfg.sample_rate_hz:.0f} Hz before importing")
+        raise DataError(f"{path} is not valid JSON: {exc}; fix: correct the syntax") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} must hold a JSON object, got a JSON {type(meta).__name__}; fix: see heimdall.realdata")
+    problems = _metadata_problems(meta, cfg)
+    if problems:
+        raise DataError(f"{path}: " + "; ".join(problems) + "; fix: correct these fields "
+                        "(leave a field out, or write null, when it is unknown)")
+    return meta
+
+
+def _station_files(folder: Path) -> list[tuple[int, Path]]:
+    """``(station index, path)`` of the session's receiver files, in name order."""
+    found = []
+    for path in sorted(folder.glob("websdr_*.npy")):
+        try:
+            found.append((station_index(path.stem.removeprefix("websdr_")), path))
+        except KeyError as exc:
+            raise DataError(f"{path}: {exc.args[0]}") from None
+    return found
+
+
+def load_session(folder: Path, cfg: ImportConfig = ImportConfig()) -> tuple[np.ndarray, dict[str, object]]:
+    """Read one session folder into IQ (R, T) and its label values.
+
+    Raises:
+        DataError: a bad ``metadata.json`` or receiver file, named.
+    """
+    stations = _station_files(folder)
+    meta = read_metadata(folder / "metadata.json", cfg)
     iq = np.zeros((len(STATION_IDS), cfg.n_samples), dtype=np.complex64)
     heard = np.zeros(len(STATION_IDS), dtype=bool)
     power = np.full(len(STATION_IDS), np.nan, dtype=np.float32)
     snr = np.full(len(STATION_IDS), np.nan, dtype=np.float32)
-    measurements = meta.get("measurements", {})
-    for path in sorted(folder.glob("websdr_*.npy")):
-        sid = path.stem.removeprefix("websdr_")
-        try:
-            i = station_index(sid)
-        except KeyError as exc:
-            raise DataError(f"{path}: {exc.args[0]}") from None
+    measurements = meta.get("measurements") or {}
+    for i, path in stations:
         iq[i] = _load_iq(path, cfg)
-        m = measurements.get(sid, {})
-        power[i] = m.get("signal_strength_db", np.nan)
-        snr[i] = m.get("snr_db", np.nan)
+        m = measurements.get(STATION_IDS[i]) or {}
+        power[i] = _or_nan(m.get("signal_strength_db"))
+        snr[i] = _or_nan(m.get("snr_db"))
         heard[i] = not (np.isfinite(snr[i]) and snr[i] < cfg.snr_threshold_db)
     if not heard.any():
         raise DataError(f"{folder}: no receiver file (websdr_<id>.npy with id in {', '.join(STATION_IDS)}) was heard")
     tx = meta.get("transmitter") or {}
     labels: dict[str, object] = {
-        "tx_lat": float(tx.get("lat", np.nan)), "tx_lon": float(tx.get("lon", np.nan)),
-        "tx_power_dbm": float(tx.get("power_dbm", np.nan)), "frequency_hz": float(meta.get("frequency_hz", np.nan)),
+        "tx_lat": _or_nan(tx.get("lat")), "tx_lon": _or_nan(tx.get("lon")),
+        "tx_power_dbm": _or_nan(tx.get("power_dbm")), "frequency_hz": _or_nan(meta.get("frequency_hz")),
         "inside_hull": False, "rx_power_dbm": power, "snr_db": snr, "heard": heard,
     }
     return iq, labels
+
+
+def _or_nan(value: object) -> float:
+    return np.nan if value is None else float(value)  # type: ignore[arg-type]
+
+
+def check_sessions(source: Path, cfg: ImportConfig = ImportConfig()) -> list[Path]:
+    """Check the session folders under ``source`` before anything is written: every
+    receiver file name and every ``metadata.json`` (the IQ files are read at import).
+
+    Returns:
+        The session folders, sorted by name.
+
+    Raises:
+        DataError: no sessions, or the first session with a bad file (named, with every bad field).
+    """
+    folders = sorted(p for p in (Path(source) / "sessions").glob("*") if p.is_dir())
+    if not folders:
+        raise DataError(f"no session folders under {Path(source) / 'sessions'}; expected sessions/<id>/websdr_<station>.npy")
+    for folder in folders:
+        _station_files(folder)
+        read_metadata(folder / "metadata.json", cfg)
+    return folders
 
 
 def import_sessions(
@@ -111,14 +222,13 @@ def import_sessions(
     """Import every ``source/sessions/*`` folder as dataset ``name`` (resumable, atomic).
 
     Raises:
-        DataError: a session with a bad file (named), or no sessions at all.
+        DataError: a session with a bad file (named), or no sessions at all; every
+            ``metadata.json`` is checked before anything is written.
         AlreadyExistsError: the name is taken by another dataset.
     """
     from heimdall.datasets import write_shard
 
-    folders = sorted(p for p in (Path(source) / "sessions").glob("*") if p.is_dir())
-    if not folders:
-        raise DataError(f"no session folders under {Path(source) / 'sessions'}; expected sessions/<id>/websdr_<station>.npy")
+    folders = check_sessions(source, cfg)
     manifest = {"source": str(Path(source).resolve()), "sessions": [f.name for f in folders],
                 "import": cfg.__dict__}
     digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]

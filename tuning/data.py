@@ -12,6 +12,11 @@ Examples::
     # against the real services (see tuning/settings.py for every variable)
     python -m tuning.data generate --dataset demo --recordings 2000 --seed 1 \\
         --catalog postgresql://heimdall@db:5432/heimdall --store s3://heimdall-raw-iq
+
+``list``, ``describe`` and ``verify`` only read: they create no file, directory,
+schema, table or bucket, and a catalogue that does not exist yet is an error
+saying how to create one. ``generate`` and ``import`` create what they need, but
+never add tables to a database that is not a Heimdall Tune catalogue.
 """
 from __future__ import annotations
 
@@ -28,6 +33,13 @@ from tuning.settings import DataSettings, add_data_args, data_settings
 __all__ = ["main", "build_parser"]
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``tuning.data`` argument parser."""
     parser = argparse.ArgumentParser(prog="python -m tuning.data", description=__doc__,
@@ -40,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shard-size", type=int, default=250, help="recordings per shard (default 250, ~57 MB)")
     d = sub.add_parser("describe", help="counts, sizes, SNR statistics and the oracle/centre baselines")
     d.add_argument("name")
-    d.add_argument("--max-oracle", type=int, default=2000, help="cap on held-out recordings given to the oracle")
+    d.add_argument("--max-oracle", type=_positive, default=2000, help="cap on held-out recordings given to the oracle")
     sub.add_parser("list", help="list datasets")
     v = sub.add_parser("verify", help="check every shard exists (and with --deep, decodes cleanly)")
     v.add_argument("name")
@@ -61,9 +73,11 @@ def _generate(args: argparse.Namespace, settings: DataSettings) -> None:
 
     store, catalog = settings.open_store(), settings.open_catalog()
     print(f"catalogue: {catalog.describe()}\nstore:     {store.describe()}")
-    with catalog, tqdm(total=args.recordings, unit="rec", desc=f"generate {args.dataset}") as bar:
-        info = generate_dataset(catalog, store, args.dataset, n_recordings=args.recordings, seed=args.seed,
-                                shard_size=args.shard_size, progress=bar.update)
+    with catalog:
+        catalog.initialize()  # a catalogue that is not ours is refused before the progress bar starts
+        with tqdm(total=args.recordings, unit="rec", desc=f"generate {args.dataset}") as bar:
+            info = generate_dataset(catalog, store, args.dataset, n_recordings=args.recordings, seed=args.seed,
+                                    shard_size=args.shard_size, progress=bar.update)
     print(f"dataset {info.name!r}: {info.n_recordings} recordings in {info.n_shards} shards — done. "
           f"Next: python -m tuning.data describe {info.name}")
 
@@ -71,13 +85,12 @@ def _generate(args: argparse.Namespace, settings: DataSettings) -> None:
 def _describe(args: argparse.Namespace, settings: DataSettings) -> None:
     from tuning.describe import describe_dataset
 
-    with settings.open_catalog() as catalog:
+    with settings.open_catalog(read_only=True) as catalog:
         print(describe_dataset(catalog, args.name, max_oracle=args.max_oracle))
 
 
 def _list(args: argparse.Namespace, settings: DataSettings) -> None:
-    with settings.open_catalog() as catalog:
-        catalog.initialize()
+    with settings.open_catalog(read_only=True) as catalog:
         rows = catalog.list_datasets()
     if not rows:
         print(f"no datasets in {settings.catalog_url}; create one with `python -m tuning.data generate --dataset demo`")
@@ -88,13 +101,15 @@ def _list(args: argparse.Namespace, settings: DataSettings) -> None:
 def _verify(args: argparse.Namespace, settings: DataSettings) -> None:
     from heimdall.datasets import verify_dataset
 
-    with settings.open_catalog() as catalog:
+    with settings.open_catalog(read_only=True) as catalog:
         shards = verify_dataset(catalog, settings.open_store(), args.name, deep=args.deep)
     print(f"dataset {args.name!r}: {len(shards)} shards OK ({'checksums and samples' if args.deep else 'presence and sizes'})")
 
 
 def _delete(args: argparse.Namespace, settings: DataSettings) -> None:
     store = settings.open_store()
+    with settings.open_catalog(read_only=True) as catalog:  # a missing catalogue is not created to be emptied
+        catalog.get_dataset(args.name)
     with settings.open_catalog() as catalog:
         shards = catalog.shards(catalog.get_dataset(args.name).name)
         catalog.delete_dataset(args.name)
@@ -106,8 +121,9 @@ def _delete(args: argparse.Namespace, settings: DataSettings) -> None:
 
 
 def _import(args: argparse.Namespace, settings: DataSettings) -> None:
-    from heimdall.realdata import import_sessions
+    from heimdall.realdata import check_sessions, import_sessions
 
+    check_sessions(args.source)  # careless captures fail before a catalogue or store is created
     store, catalog = settings.open_store(), settings.open_catalog()
     with catalog:
         info = import_sessions(catalog, store, args.dataset, args.source, shard_size=args.shard_size)

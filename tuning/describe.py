@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from heimdall.catalog import Catalog
+from heimdall.errors import ConfigError
 from heimdall.datasets import TEST, SplitConfig, open_dataset, split_assignment
 from heimdall.geometry import default_frame
 from heimdall.metrics import format_reports, localization_report
@@ -41,8 +42,14 @@ def describe_dataset(catalog: Catalog, name: str, *, max_oracle: int = 2000) -> 
     Args:
         catalog: the catalogue holding it.
         name: dataset name (must be complete).
-        max_oracle: at most this many test recordings go to the oracle (it costs ~ms each).
+        max_oracle: at most this many test recordings go to the oracle (it costs ~ms each), >= 1.
+
+    Raises:
+        ConfigError: ``max_oracle`` < 1.
+        NotFoundError / DataError: no such dataset, or it is pending.
     """
+    if max_oracle < 1:
+        raise ConfigError("describe", [f"max_oracle must be >= 1, got {max_oracle}"])
     info = open_dataset(catalog, name)
     labels = catalog.recordings(name)
     n = len(labels["recording_id"])
@@ -63,7 +70,8 @@ def describe_dataset(catalog: Catalog, name: str, *, max_oracle: int = 2000) -> 
         return "\n".join(lines)
     config = GeneratorConfig.from_dict(info.config)
     test = np.flatnonzero(split_assignment(labels["recording_id"], SplitConfig()) == TEST)[:max_oracle]
-    rows = baseline_reports(config, {k: v[test] for k, v in labels.items()})
+    # A small dataset may have no recording in the test split: then only the 'all' rows.
+    rows = baseline_reports(config, {k: v[test] for k, v in labels.items()}) if len(test) else {}
     # The oracle is not trained, so every recording is held out for it: the whole
     # dataset gives its calibration with a smaller binomial error than the test split.
     every = np.arange(min(n, max_oracle))
