@@ -28,9 +28,15 @@ class ConfigError(HeimdallError, ValueError):
     """
 
     def __init__(self, what: str, problems: Iterable[str]) -> None:
+        self.what = what
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"invalid {what} ({len(self.problems)} problem(s)):\n{lines}")
+
+    def __reduce__(self) -> tuple:
+        # Ray ships a trial's or worker's exception to the driver by pickling it; the
+        # default would call __init__(message) and fail there, hiding the real error.
+        return type(self), (self.what, self.problems)
 
 
 class DataError(HeimdallError, ValueError):

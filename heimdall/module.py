@@ -69,7 +69,8 @@ class OptimizerConfig:
         batch_size: recordings per step (read by the data module).
         schedule: ``"cosine"`` (linear warm-up, cosine decay to 0 at
             ``max_epochs``), ``"constant"`` (warm-up, then flat) or
-            ``"onecycle"`` (torch's OneCycleLR, warm-up share = warmup / max_epochs).
+            ``"onecycle"`` (torch's OneCycleLR, warm-up share = warmup / max_epochs,
+            kept long enough for both phases when the run has few steps).
         warmup: warm-up length in epochs (fractions allowed).
         max_epochs: the schedule's horizon; build the Trainer with the same value.
             12 epochs of ~6400 recordings fit a 20-minute run on 2 CPU cores
@@ -118,7 +119,11 @@ class OptimizerConfig:
 
 
 def _lr_factor(schedule: str, progress_epochs: float, warmup: float, max_epochs: int) -> float:
-    """Multiplier of the peak lr after ``progress_epochs`` (fractional) epochs."""
+    """Multiplier of the peak lr after ``progress_epochs`` (fractional) epochs.
+
+    Defined for any step count, one step per epoch included: the warm-up ramps
+    over whatever steps fall inside it, and never divides by zero.
+    """
     if warmup > 0 and progress_epochs < warmup:
         return max(progress_epochs / warmup, 1e-3)
     if schedule == "constant":
@@ -127,6 +132,29 @@ def _lr_factor(schedule: str, progress_epochs: float, warmup: float, max_epochs:
     t = min(max(progress_epochs - warmup, 0.0) / span, 1.0)
     return 0.5 * (1.0 + math.cos(math.pi * t))
 
+
+
+def _onecycle_pct_start(warmup_share: float, total_steps: int) -> float:
+    """``pct_start`` for torch's ``OneCycleLR`` that keeps both of its phases longer than zero steps.
+
+    ``OneCycleLR`` divides by the length of each phase, ``pct_start * total_steps - 1``
+    and ``total_steps - 1`` minus that, so a short run (a batch larger than the
+    split gives one step per epoch) with a warm-up share such as 1/2 of 2 steps
+    raised ``ZeroDivisionError``. The requested share is kept within
+    ``[1.5 / total_steps, 1 - 0.5 / total_steps]`` (and [0.01, 0.99]), which is
+    never empty for ``total_steps >= 2``.
+
+    Args:
+        warmup_share: the warm-up's share of the run, ``warmup / max_epochs``.
+        total_steps: the schedule's steps, >= 2.
+
+    Returns:
+        The share to pass as ``pct_start``.
+    """
+    if total_steps < 2:
+        raise ValueError(f"OneCycleLR needs total_steps >= 2, got {total_steps}")
+    low, high = max(0.01, 1.5 / total_steps), min(0.99, 1.0 - 0.5 / total_steps)
+    return min(max(warmup_share, low), high)
 
 
 # -- checkpoints are data ---------------------------------------------------------------
@@ -436,15 +464,21 @@ class LocalizationModule(pl.LightningModule):
                                  {"params": rest, "weight_decay": 0.0}], lr=oc.lr)
         steps_per_epoch = self._steps_per_epoch()
         if oc.schedule == "onecycle":
+            total = max(round(steps_per_epoch * oc.max_epochs), 2)
             sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.OneCycleLR(
-                opt, max_lr=oc.lr, total_steps=max(int(steps_per_epoch * oc.max_epochs), 2),
-                pct_start=min(max(oc.warmup / oc.max_epochs, 0.01), 0.99))
+                opt, max_lr=oc.lr, total_steps=total, pct_start=_onecycle_pct_start(oc.warmup / oc.max_epochs, total))
         else:
             sched = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda step: _lr_factor(oc.schedule, step / steps_per_epoch, oc.warmup, oc.max_epochs))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def _steps_per_epoch(self) -> float:
+        """Optimizer steps per epoch, >= 1: a batch larger than the data is one partial batch.
+
+        Raises:
+            ConfigError: the Trainer has no finite epoch count, or its training loader yields no batch
+                (an empty split or shard would otherwise "train" nothing and still validate).
+        """
         trainer = self.trainer
         total = float(trainer.estimated_stepping_batches)
         epochs = trainer.max_epochs
@@ -453,6 +487,11 @@ class LocalizationModule(pl.LightningModule):
                 f"the lr schedule needs a finite Trainer(max_epochs=...), got max_epochs={epochs}; "
                 f"use Trainer(max_epochs=optimizer_config.max_epochs={self.optimizer_config.max_epochs})"
             ])
+        if total < 1:
+            raise ConfigError("Trainer", [
+                f"the training loader yields no batch ({total:g} steps in {epochs} epoch(s)); fix: give every "
+                f"training process at least one recording (a larger dataset or fewer workers); a batch size "
+                f"({self.optimizer_config.batch_size}) above the split is fine: it trains one partial batch"])
         return max(total / epochs, 1.0)
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,

@@ -24,7 +24,7 @@ import json
 import math
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union
@@ -54,6 +54,10 @@ __all__ = [
     "with_overrides",
     "to_optuna",
     "build_configs",
+    "WARMUPS",
+    "check_space_budget",
+    "budget_overrides",
+    "fit_budget",
     "space_summary",
 ]
 
@@ -726,6 +730,119 @@ def _build(space: SearchSpace, params: Mapping[str, Any]) -> tuple[TrialConfigs 
     if problems:
         return None, problems
     return TrialConfigs(space.arch, built["model"], built["loss"], built["optimizer"]), []
+
+
+# --------------------------------------------------------------------------- the study's epoch budget
+
+#: Warm-ups measured in epochs, and what a run that never leaves one trains instead.
+WARMUPS: dict[str, str] = {
+    "optimizer.warmup": "its learning rate would still be ramping up when it ends",
+    "loss.mse_warmup_epochs": "it would fit the mean by MSE only and never train the NLL it is ranked and exported by",
+}
+
+
+def check_space_budget(space: SearchSpace, max_epochs: int) -> None:
+    """Check a space against a study's epoch budget, before any trial; every problem at once.
+
+    A trial trains ``max_epochs`` epochs at most (ASHA's ``max_t``), and that is
+    also its schedule's horizon. Each warm-up the space searches or fixes
+    (:data:`WARMUPS`) must end before it at every value it can take, or the
+    trials drawn there train only their warm-up. A warm-up the space leaves at
+    its dataclass default is not a problem: :func:`fit_budget` turns a default
+    that does not fit off. The horizon itself is the study's, never the space's.
+
+    Args:
+        space: a validated space.
+        max_epochs: the study's ``--max-epochs``.
+
+    Raises:
+        ConfigError: listing every problem, each with its fix.
+    """
+    what = f"search space {space.name!r} for --max-epochs {max_epochs}"
+    if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
+        collect_problems(what, [f"--max-epochs must be an integer >= 1, got {max_epochs!r}"])
+    problems = [f"{name} is set by the space, but a study's epoch budget is --max-epochs (ASHA's max_t); remove it"
+                for name in ("optimizer.max_epochs",) if name in _chosen(space)]
+    for name, consequence in WARMUPS.items():
+        top = _largest_value(space, name)
+        if top is None or top < max_epochs:
+            continue
+        how = "is fixed at" if name in space.fixed else "can reach"
+        needed = math.floor(top) + 1
+        below = f"at most {max_epochs - 1}" if name == "loss.mse_warmup_epochs" else f"below {max_epochs}"
+        problems.append(f"{name} {how} {top:g} epochs, not less than --max-epochs {max_epochs}: {consequence}; "
+                        f"fix: keep its values {below} in the space, or raise --max-epochs to {needed}")
+    collect_problems(what, problems)
+
+
+def budget_overrides(space: SearchSpace, max_epochs: int) -> dict[str, Any]:
+    """Overrides that pin every warm-up of the space that reaches ``max_epochs`` to 0.
+
+    For a run meant to be short whatever the space says (``--smoke-test``):
+    ``with_overrides(space, budget_overrides(space, 1))`` passes
+    :func:`check_space_budget`. A real study should fix the space instead.
+    """
+    return {name: 0 if name == "loss.mse_warmup_epochs" else 0.0 for name in WARMUPS
+            if (_largest_value(space, name) or 0) >= max_epochs}
+
+
+def fit_budget(configs: TrialConfigs, max_epochs: int, chosen: Collection[str] = ()) -> TrialConfigs:
+    """The configs of a run of ``max_epochs`` epochs: the one warm-up policy of studies and ``tuning.train``.
+
+    The schedule's horizon (``optimizer.max_epochs``) becomes ``max_epochs``,
+    never longer: a run cut short of its horizon would end untrained in the way
+    the horizon implies (lr still high, MSE warm-up unfinished). A warm-up of
+    :data:`WARMUPS` that does not end before ``max_epochs`` is then turned off
+    (0) when it is a dataclass default nobody chose, as in a one-epoch smoke
+    test, and is an error when it was chosen.
+
+    Args:
+        configs: a trial's configs (:func:`build_configs`).
+        max_epochs: epochs the run trains.
+        chosen: ``section.field`` names the user set (a space's parameters and
+            fixed values, a command's flags); only their warm-ups are kept as given.
+
+    Returns:
+        The fitted configs.
+
+    Raises:
+        ConfigError: a chosen warm-up does not end before ``max_epochs`` (or the
+            configs do not fit together), every problem listed.
+    """
+    opt, loss = configs.optimizer, configs.loss
+    loss_changes = {}
+    if "loss.mse_warmup_epochs" not in chosen and loss.mse_warmup_epochs >= max_epochs:
+        loss_changes["mse_warmup_epochs"] = 0
+    opt_changes: dict[str, Any] = {"max_epochs": max_epochs}
+    if "optimizer.warmup" not in chosen and opt.warmup >= max_epochs:
+        opt_changes["warmup"] = 0.0
+    problems = [f"{name} is {value:g} epochs, not less than the run's {max_epochs}: {WARMUPS[name]}; fix: lower it "
+                f"or train longer" for name, value in (("optimizer.warmup", opt.warmup),
+                                                       ("loss.mse_warmup_epochs", loss.mse_warmup_epochs))
+                if name in chosen and value >= max_epochs]
+    collect_problems(f"configuration for a run of {max_epochs} epoch(s)", problems)
+    fitted = dataclasses.replace(configs, optimizer=dataclasses.replace(opt, **opt_changes),
+                                 loss=dataclasses.replace(loss, **loss_changes))
+    validate_model_and_loss(fitted.model, fitted.loss, fitted.optimizer)
+    return fitted
+
+
+def _chosen(space: SearchSpace) -> set[str]:
+    """Every ``section.field`` the space searches or fixes (overrides included)."""
+    return set(space.fixed) | {p.name for p in space.parameters}
+
+
+def _largest_value(space: SearchSpace, name: str) -> float | None:
+    """The largest number ``name`` takes in the space (None when the space leaves it at its default)."""
+    if name in space.fixed:
+        value = space.fixed[name]
+        return float(value) if _is_number(value) else None
+    try:
+        p = space.parameter(name)
+    except KeyError:
+        return None
+    values = [v for v in p.corners() if _is_number(v)]
+    return float(max(values)) if values else None
 
 
 # --------------------------------------------------------------------------- summary

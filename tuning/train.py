@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=("resnet", "setnet"), default="resnet", help="network family")
     p.add_argument("--dataset", default="default", help="dataset name (see python -m tuning.data list)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs [OptimizerConfig.max_epochs]")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs, also the lr schedule's horizon; warm-ups that would not end before it are "
+                        "turned off [OptimizerConfig.max_epochs]")
     p.add_argument("--batch-size", type=int, default=None, help="batch size [OptimizerConfig.batch_size]")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate [OptimizerConfig.lr]")
     p.add_argument("--loss", default=None, help="loss family: gaussian_nll | full_nll | beta_nll [LossConfig.family]")
@@ -52,15 +54,17 @@ def _configs(args: argparse.Namespace):
     from heimdall.losses import LossConfig
     from heimdall.models import model_config_from_dict
     from heimdall.module import OptimizerConfig
+    from tuning.spaces import TrialConfigs, fit_budget
 
     opt = OptimizerConfig()
-    overrides = {k: v for k, v in (("max_epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr))
-                 if v is not None}
-    if "max_epochs" in overrides and opt.warmup >= overrides["max_epochs"]:
-        overrides["warmup"] = 0.0
+    overrides = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
     loss = LossConfig() if args.loss is None else LossConfig(family=args.loss)
     model_config = model_config_from_dict(args.arch, {"head": "full"} if loss.family == "full_nll" else {})
-    return model_config, loss, replace(opt, **overrides)
+    # The studies' warm-up policy: --epochs is the schedule's horizon, and a default warm-up
+    # (no flag sets one) that would not end before it is turned off, e.g. for --epochs 1.
+    configs = fit_budget(TrialConfigs(args.arch, model_config, loss, replace(opt, **overrides)),
+                         args.epochs if args.epochs is not None else opt.max_epochs)
+    return configs.model, configs.loss, configs.optimizer
 
 
 def run(args: argparse.Namespace) -> dict:

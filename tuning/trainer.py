@@ -11,15 +11,24 @@ parameters (:func:`tuning.spaces.build_configs`) and a plain Lightning
 plus a checkpoint), which ``TuneReportCallback`` forwards to Tune, where ASHA
 may stop the trial.
 
-Fault tolerance, in two layers:
+Fault tolerance, in two layers, for infrastructure failures only:
 
-* a Train worker that dies restarts its worker group (up to
-  :attr:`TrialSpec.max_failures` times) and resumes from
-  ``ray.train.get_checkpoint()``, the last epoch's checkpoint;
+* when a Train worker dies (killed, its node lost), :func:`run_trial` starts
+  the trial's Train run again (up to :attr:`TrialSpec.max_failures` times)
+  and its workers resume from ``ray.train.get_checkpoint()``, the last
+  epoch's checkpoint;
 * the Train run of a Tune trial is named after the trial's id under the
   study's storage, so when the trial function itself is restarted (a Tune
   retry, or ``--resume`` after the driver died) Train reloads that run's
   checkpoint state and the trial continues where it stopped.
+
+A deterministic failure, one that a retry would repeat (:data:`DETERMINISTIC_ERRORS`:
+a bad configuration, bad data, our own checks), is not retried by either
+layer: :func:`run_trial` raises :class:`TrialFailed` with the one-line
+reason and records it next to the trial's Train run, so that Tune's retry of
+the trial function (Tune cannot tell the two kinds apart) ends at once with
+the same reason instead of training again. The trial ends as an error in
+Tune and FAIL in Optuna.
 
 Every ``FailureConfig`` is finite: with the default
 ``controller_failure_limit=-1`` a worker group that cannot start retries
@@ -36,12 +45,13 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
+import pyarrow.fs
 import ray.train
 import torch
 from ray import tune
@@ -49,16 +59,14 @@ from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrai
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from heimdall.errors import ConfigError, collect_problems
-from heimdall.losses import validate_model_and_loss
+from heimdall.errors import ConfigError, HeimdallError, collect_problems
 from heimdall.metrics import NOMINAL_COVERAGE
 from heimdall.models import build_model
 from heimdall.module import LocalizationModule
 from tuning.pipeline import FeatureCache, RayBatches
-from tuning.spaces import SearchSpace, TrialConfigs, build_configs
+from tuning.spaces import SearchSpace, TrialConfigs, build_configs, fit_budget
 
 if TYPE_CHECKING:
-    import pyarrow.fs
     import ray.data
 
 __all__ = [
@@ -73,6 +81,9 @@ __all__ = [
     "TrialSpec",
     "TrialMetrics",
     "trial_params",
+    "DETERMINISTIC_ERRORS",
+    "TrialFailed",
+    "deterministic_cause",
     "train_loop_per_worker",
     "run_trial",
 ]
@@ -172,7 +183,8 @@ class TrialSpec:
         storage_filesystem: pyarrow filesystem of ``train_storage``; None for local paths.
         workers_per_trial: Train workers (DDP processes) per trial.
         cpus_per_worker: CPUs each Train worker reserves (its torch threads).
-        max_failures: worker-group restarts per trial before it fails.
+        max_failures: restarts of a trial's Train run after infrastructure failures
+            (a dead worker or node) before the trial fails; deterministic failures get none.
         eval_batch_size: validation batch size (no gradients, so larger).
         checkpoints_to_keep: per trial: the best by the objective and the latest.
     """
@@ -210,19 +222,35 @@ class TrialSpec:
     def configs(self, params: Mapping[str, Any]) -> TrialConfigs:
         """The trial's typed configs, with the study's epoch budget as the schedule horizon.
 
-        The horizon (``optimizer.max_epochs``) is the study's ``max_epochs``,
-        lengthened only when a warm-up (lr or MSE) would not end before it, as
-        in a one-epoch smoke test: the run then covers the start of the schedule.
+        :func:`tuning.spaces.fit_budget` decides: the horizon is ``max_epochs``;
+        a default warm-up that does not end before it is turned off, one the
+        space searches or fixes is an error (which
+        :func:`tuning.spaces.check_space_budget` reports before the study).
 
         Raises:
             ConfigError: listing every problem of the parameters.
         """
         configs = build_configs(self.space, trial_params(params))
-        opt = configs.optimizer
-        horizon = max(self.max_epochs, math.floor(opt.warmup) + 1, configs.loss.mse_warmup_epochs + 1)
-        configs = replace(configs, optimizer=replace(opt, max_epochs=horizon))
-        validate_model_and_loss(configs.model, configs.loss, configs.optimizer)
-        return configs
+        chosen = set(self.space.fixed) | {p.name for p in self.space.parameters}
+        return fit_budget(configs, self.max_epochs, chosen)
+
+    def check_rows(self, counts: Mapping[str, int]) -> None:
+        """Every Train worker must get at least one training and one validation recording.
+
+        Train splits each dataset into ``workers_per_trial`` equal parts (the
+        remainder is dropped); an empty part would train nothing or report
+        nothing. A batch larger than a part is fine: one partial batch per epoch.
+
+        Args:
+            counts: rows per split (``FeatureCache.counts``).
+
+        Raises:
+            ConfigError: naming each split that is too small, with the fix.
+        """
+        collect_problems("trial data", [
+            f"the {split} split has {counts.get(split, 0)} recording(s) for {self.workers_per_trial} Train worker(s): "
+            f"a worker would get none; fix: use a larger dataset (--recordings) or fewer --workers-per-trial"
+            for split in ("train", "val") if counts.get(split, 0) // self.workers_per_trial < 1])
 
 
 def trial_params(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -353,6 +381,68 @@ def _announce(trial_id: str | None, checkpoint: ray.train.Checkpoint | None) -> 
 
 # -- trial side (one Tune trial = one Train run) ---------------------------------------
 
+#: Errors a retry would repeat: our own checks (every HeimdallError, ConfigError among them)
+#: and what Python and torch raise on a bad configuration or bad data. A failure of
+#: anything else (a dead worker or node, a timeout, storage I/O, RuntimeError) may pass.
+DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (HeimdallError, ValueError, TypeError, ArithmeticError)
+#: Where a trial's deterministic failure is recorded, inside its Train run's directory.
+FAILURE_FILE = "heimdall-failure.txt"
+
+
+class TrialFailed(HeimdallError):
+    """A trial failed in a way a retry would repeat; the message is the one-line reason. Not retried."""
+
+
+def deterministic_cause(error: BaseException) -> BaseException | None:
+    """The error that would make a retry fail the same way, or None for an infrastructure failure.
+
+    A Train run's ``WorkerGroupError`` is deterministic when some worker raised
+    one of :data:`DETERMINISTIC_ERRORS` and no worker died: when one dies (an
+    error of Ray itself, such as ``ActorDiedError`` or a failed health check)
+    the others fail too, with whatever their collective raised, and the run is
+    worth restarting.
+
+    Args:
+        error: what ``TorchTrainer.fit()`` or the trial's own checks raised.
+
+    Returns:
+        The first deterministic worker error (by rank), ``error`` itself if it is one, else None.
+    """
+    if isinstance(error, ray.train.WorkerGroupError):
+        failures = [f for _, f in sorted(error.worker_failures.items())]
+        if any(type(f).__module__.split(".")[0] == "ray" for f in failures):
+            return None
+        return next((f for f in failures if isinstance(f, DETERMINISTIC_ERRORS)), None)
+    if isinstance(error, ray.train.TrainingFailedError):
+        return None  # the controller's own failures: scheduling, startup, preemption
+    return error if isinstance(error, DETERMINISTIC_ERRORS) else None
+
+
+def _one_line(error: BaseException, limit: int = 600) -> str:
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _failure_record(spec: TrialSpec, trial_id: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """The filesystem and path of a trial's failure record (shared storage on a cluster)."""
+    return spec.storage_filesystem or pyarrow.fs.LocalFileSystem(), f"{spec.train_storage}/{trial_id}/{FAILURE_FILE}"
+
+
+def _read_failure(spec: TrialSpec, trial_id: str) -> str | None:
+    fs, path = _failure_record(spec, trial_id)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as src:
+        return src.read().decode("utf-8")
+
+
+def _write_failure(spec: TrialSpec, trial_id: str, reason: str) -> None:
+    fs, path = _failure_record(spec, trial_id)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as out:
+        out.write(reason.encode("utf-8"))
+
 
 def _train_run_config(spec: TrialSpec, run_name: str) -> Any:
     return ray.train.RunConfig(
@@ -360,8 +450,10 @@ def _train_run_config(spec: TrialSpec, run_name: str) -> Any:
         storage_path=spec.train_storage,
         storage_filesystem=spec.storage_filesystem,
         callbacks=[TuneReportCallback()],
+        # Worker failures come back to run_trial at once (max_failures=0), which tells a dead worker
+        # from a deterministic error before restarting; Train would retry both alike.
         failure_config=ray.train.FailureConfig(
-            max_failures=spec.max_failures,
+            max_failures=0,
             controller_failure_limit=spec.max_failures,
             max_preemption_failures=spec.max_failures,
         ),
@@ -383,8 +475,10 @@ def run_trial(
     """Tune's function trainable: one ``TorchTrainer`` run for one set of parameters.
 
     Bind the keyword arguments with ``tune.with_parameters``. Metrics reach Tune
-    through ``TuneReportCallback``; the function returns when Train finishes
-    or raises when the run fails after :attr:`TrialSpec.max_failures` restarts.
+    through ``TuneReportCallback``. The configs and the data are checked before
+    any worker starts. A run whose worker died is started again, resuming from
+    its last checkpoint, up to :attr:`TrialSpec.max_failures` times; a
+    deterministic failure (:func:`deterministic_cause`) is never retried.
 
     Args:
         config: Tune's trial config: the flat parameters plus :data:`OPTUNA_NUMBER_KEY`.
@@ -394,19 +488,49 @@ def run_trial(
         cache: the feature cache they read (row counts, feature config, target scaling).
 
     Raises:
-        ConfigError: the parameters do not give valid configs (before any worker starts).
+        TrialFailed: a deterministic failure, now or in an earlier attempt of this trial
+            (the message is its one-line reason).
+        ray.train.TrainingFailedError: an infrastructure failure that outlived the restarts.
     """
+    trial_id = tune.get_context().get_trial_id()
+    earlier = _read_failure(spec, trial_id)
+    if earlier is not None:
+        raise TrialFailed(f"{earlier} (not retried: the trial's first attempt failed so, and would again)")
+    try:
+        _fit_with_restarts(config, spec, datasets, cache, trial_id)
+    except Exception as error:
+        cause = deterministic_cause(error)
+        if cause is None:
+            raise
+        reason = _one_line(cause)
+        _write_failure(spec, trial_id, reason)
+        print(f"{datetime.now().isoformat(timespec='milliseconds')} heimdall: trial {trial_id} failed, "
+              f"not retried: {reason}", flush=True)
+        raise TrialFailed(reason) from None
+
+
+def _fit_with_restarts(config: Mapping[str, Any], spec: TrialSpec, datasets: Mapping[str, Any],
+                       cache: FeatureCache, trial_id: str) -> None:
     params = trial_params(config)
     spec.configs(params)  # fail here, in one clear error, rather than in every worker
+    spec.check_rows(cache.counts)
     seed = spec.seed + int(config.get(OPTUNA_NUMBER_KEY, 0))
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"spec": spec, "params": params, "seed": seed, "cache": cache,
-                           "trial_id": tune.get_context().get_trial_id()},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=spec.workers_per_trial, resources_per_worker={"CPU": spec.cpus_per_worker}
-        ),
-        datasets=dict(datasets),
-        run_config=_train_run_config(spec, tune.get_context().get_trial_id()),
-    )
-    trainer.fit()
+    for restart in range(spec.max_failures + 1):
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"spec": spec, "params": params, "seed": seed, "cache": cache, "trial_id": trial_id},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=spec.workers_per_trial, resources_per_worker={"CPU": spec.cpus_per_worker}
+            ),
+            datasets=dict(datasets),
+            run_config=_train_run_config(spec, trial_id),  # same name: a restart resumes the run
+        )
+        try:
+            trainer.fit()
+            return
+        except ray.train.WorkerGroupError as error:
+            if deterministic_cause(error) is not None or restart == spec.max_failures:
+                raise
+            print(f"{datetime.now().isoformat(timespec='milliseconds')} heimdall: trial {trial_id} lost a worker "
+                  f"({_one_line(error, 200)}); restart {restart + 1}/{spec.max_failures} from its last checkpoint",
+                  flush=True)

@@ -82,14 +82,20 @@ DATA_CPUS_PER_TRIAL = READ_CONCURRENCY * READ_NUM_CPUS
 #: 60 s). After a node is lost, trials whose workers no longer fit wait for running ones
 #: to finish instead of failing at once (see docs/cluster.md, "Losing a node").
 WORKER_GROUP_START_TIMEOUT_S = 600
-#: Tune-level retries of a trial function. Train already restarts dead workers
-#: (StudyConfig.max_failures), but on a cluster a lost node also kills the trial
-#: functions and Train controllers it hosted; one retry restarts the trial
-#: function, whose new Train run of the same name resumes from the last
-#: checkpoint in shared storage. More would mostly repeat deterministic errors.
+#: Tune-level retries of a trial function. The trial function already restarts its Train
+#: run when a worker dies (StudyConfig.max_failures), but on a cluster a lost node also
+#: kills the trial functions and Train controllers it hosted; one retry restarts the trial
+#: function, whose new Train run of the same name resumes from the last checkpoint in
+#: shared storage. Tune retries every error alike, so a deterministic failure (a bad
+#: config or data) is retried too, but only in name: the trial function recorded it, and
+#: its retry ends at once with the same reason (tuning.trainer.run_trial), training nothing.
 TUNE_MAX_FAILURES = 1
 #: Folder of the study's own files inside its Tune experiment (see RunStorage.write_file).
 STUDY_FILES = "heimdall"
+#: Largest sampler seed: trial n is seeded with seed + n, and numpy seeds stop at 2**32 - 1.
+MAX_SEED = 2**31 - 1
+#: Credentials that reach processes only through their own environment, never a runtime env.
+CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
 #: PostgreSQL connect timeout (s): an unreachable server fails fast, not after minutes.
 PG_CONNECT_TIMEOUT_S = 5
 
@@ -405,11 +411,19 @@ def plan_resources(cluster_cpus: float, workers_per_trial: int, cpus_per_worker:
     plan = ResourcePlan(cluster_cpus=cluster_cpus, worker_cpus=workers_per_trial * cpus_per_worker,
                         data_cpus=DATA_CPUS_PER_TRIAL, max_concurrent=1)
     if plan.trial_cpus > cluster_cpus + 1e-9:
-        room = cluster_cpus - TRIAL_FUNCTION_CPUS - DATA_CPUS_PER_TRIAL
-        raise ConfigError("resources", [
-            f"a trial needs {workers_per_trial} worker(s) x {cpus_per_worker:g} CPU + {DATA_CPUS_PER_TRIAL:g} CPU "
-            f"for Ray Data = {plan.trial_cpus:.2f} CPUs, but the cluster has {cluster_cpus:g}; fix: lower "
-            f"--workers-per-trial or --cpus-per-worker (at most {max(room / workers_per_trial, 0):.2f}), or add nodes"])
+        # The rule, with every term shown: the sum must add up on screen, and the fix must be a valid value.
+        overhead = TRIAL_FUNCTION_CPUS + DATA_CPUS_PER_TRIAL
+        room = math.floor((cluster_cpus - overhead) / workers_per_trial * 100) / 100
+        need = (f"a trial needs --workers-per-trial {workers_per_trial} x --cpus-per-worker {cpus_per_worker:g} "
+                f"+ {DATA_CPUS_PER_TRIAL:g} CPU for its Ray Data reads + {TRIAL_FUNCTION_CPUS:g} CPU for its trial "
+                f"function = {plan.trial_cpus:.2f} CPUs, more than the cluster's {cluster_cpus:g}")
+        bigger = "a cluster with more CPUs (each worker's CPUs must also fit on one node)"
+        if room > 0:
+            fewer = " (or fewer --workers-per-trial)" if workers_per_trial > 1 else ""
+            fix = f"--cpus-per-worker {room:g} or less{fewer}, or {bigger}"
+        else:
+            fix = f"{bigger}: no worker fits beside the {overhead:g} CPU every trial needs"
+        raise ConfigError("resources", [f"{need}; fix: {fix}"])
     concurrent = max(1, min(trials, int((cluster_cpus + 1e-9) // plan.trial_cpus), max_concurrent or trials))
     return replace(plan, max_concurrent=concurrent)
 
