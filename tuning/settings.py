@@ -46,11 +46,13 @@ class DataSettings:
         Args:
             read_only: for commands that only read (list, describe, verify, a dry run):
                 nothing is created, neither a file nor a schema nor tables; a missing
-                catalogue is a :class:`~heimdall.errors.NotFoundError` naming how to create one.
+                catalogue is a :class:`~heimdall.catalog.CatalogMissingError` (a ``NotFoundError``)
+                naming how to create one.
 
         Raises:
             ServiceUnavailableError: the catalogue cannot be reached.
-            NotFoundError: ``read_only`` and there is no catalogue at the URL yet.
+            CatalogMissingError: ``read_only`` and there is no SQLite file at the URL (an absent
+                PostgreSQL schema is raised by the first read or ``check()``).
         """
         return open_catalog(self.catalog_url, read_only=read_only)
 

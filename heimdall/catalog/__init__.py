@@ -16,7 +16,8 @@ Accepted URLs (SQLAlchemy's conventions, like MLflow's):
 
 Commands that only read open it with ``read_only=True``: then nothing is
 created (no file, no directory, no schema, no table) and a missing catalogue is
-a :class:`~heimdall.errors.NotFoundError` saying how to create one. Writers
+a :class:`CatalogMissingError` (a :class:`~heimdall.errors.NotFoundError`)
+saying how to create one. Writers
 create the tables on first use, but never inside a database that holds other
 tables and is not a Heimdall Tune catalogue.
 """
@@ -29,6 +30,7 @@ from heimdall.catalog.base import (
     DATASET_STATUSES,
     RECORDING_COLUMNS,
     Catalog,
+    CatalogMissingError,
     DatasetInfo,
     RecordingColumn,
     ShardInfo,
@@ -44,6 +46,7 @@ __all__ = [
     "DATASET_STATUSES",
     "RECORDING_COLUMNS",
     "Catalog",
+    "CatalogMissingError",
     "DatasetInfo",
     "PostgresCatalog",
     "RecordingColumn",
@@ -73,8 +76,8 @@ def open_catalog(url: str, *, read_only: bool = False) -> Catalog:
 
     Raises:
         ConfigError: an unsupported or in-memory URL (the message lists the accepted forms).
-        NotFoundError: ``read_only`` and the SQLite file does not exist (a missing PostgreSQL
-            schema is found by the first read).
+        CatalogMissingError: ``read_only`` and the SQLite file does not exist (a missing
+            PostgreSQL schema is found by the first read, or by ``check()``).
         ServiceUnavailableError: the database cannot be opened or reached.
     """
     if not isinstance(url, str) or not url.strip():

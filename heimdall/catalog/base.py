@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from heimdall.errors import DataError
+from heimdall.errors import DataError, NotFoundError
 from heimdall.receivers import STATIONS
 
 __all__ = [
@@ -29,8 +29,14 @@ __all__ = [
     "RecordingColumn",
     "RECORDING_COLUMNS",
     "Catalog",
+    "CatalogMissingError",
     "check_recordings",
 ]
+
+class CatalogMissingError(NotFoundError):
+    """A read-only open found no catalogue at all (no file, or no tables), as opposed to
+    a catalogue without the named dataset; a writer would create it."""
+
 
 DATASET_STATUSES = ("pending", "complete")
 DATASET_KINDS = ("synthetic", "imported")

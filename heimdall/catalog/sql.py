@@ -46,6 +46,7 @@ import numpy as np
 
 from heimdall.catalog.base import (
     DATASET_KINDS,
+    CatalogMissingError,
     DatasetInfo,
     ShardInfo,
     check_recordings,
@@ -247,7 +248,8 @@ class SQLCatalog(ABC):
         """Check, without changing anything, that this is a catalogue this code can read.
 
         Raises:
-            NotFoundError: there is no catalogue yet (no file, no tables); the message says how to create one.
+            CatalogMissingError: there is no catalogue yet (no file, no tables); the message says how
+                to create one (a :class:`~heimdall.errors.NotFoundError`).
             DataError: the database holds other tables but is not a Heimdall Tune catalogue, or
                 it has a newer schema version than this code.
             ServiceUnavailableError: the database cannot be reached.
@@ -310,8 +312,8 @@ class SQLCatalog(ABC):
             )
         return version
 
-    def _missing_error(self, why: str) -> NotFoundError:
-        return NotFoundError(
+    def _missing_error(self, why: str) -> CatalogMissingError:
+        return CatalogMissingError(
             f"no Heimdall Tune catalogue at {self.describe()} yet ({why}); nothing was created by this "
             f"read-only command; fix: create one with `python -m tuning.data generate --dataset NAME` "
             f"(or `import`), or point --catalog / HEIMDALL_CATALOG at an existing catalogue"

@@ -41,7 +41,7 @@ class SQLiteCatalog(SQLCatalog):
         read_only: open an existing file for reading only; create nothing.
 
     Raises:
-        NotFoundError: ``read_only`` and the file does not exist.
+        CatalogMissingError: ``read_only`` and the file does not exist.
         ServiceUnavailableError: the file cannot be created or opened.
     """
 

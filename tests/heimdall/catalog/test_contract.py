@@ -22,6 +22,7 @@ import pytest
 
 from heimdall.catalog import (
     RECORDING_COLUMNS,
+    CatalogMissingError,
     PostgresCatalog,
     ShardInfo,
     SQLiteCatalog,
@@ -247,7 +248,7 @@ def _not_ours(url: str) -> None:
 
 def test_read_only_open_of_a_missing_catalogue_creates_nothing(url):
     before = _footprint(url)
-    with pytest.raises(NotFoundError, match="no Heimdall Tune catalogue at .*fix: create one with `python -m tuning.data generate"):
+    with pytest.raises(CatalogMissingError, match="no Heimdall Tune catalogue at .*fix: create one with `python -m tuning.data generate"):
         with open_catalog(url, read_only=True) as c:
             c.list_datasets()
     assert _footprint(url) == before
@@ -284,7 +285,7 @@ def test_a_database_that_is_not_a_catalogue_is_left_alone(url):
 def test_an_empty_sqlite_file_is_no_catalogue_to_read_but_can_become_one(tmp_path):
     path = tmp_path / "empty.db"
     path.touch()
-    with pytest.raises(NotFoundError, match="holds no tables"), open_catalog(str(path), read_only=True) as c:
+    with pytest.raises(CatalogMissingError, match="holds no tables"), open_catalog(str(path), read_only=True) as c:
         c.list_datasets()
     assert path.stat().st_size == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["empty.db"]
     with open_catalog(str(path)) as c:
