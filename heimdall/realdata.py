@@ -103,24 +103,29 @@ def _object(value: object, field: str, problems: list[str]) -> dict:
     return value
 
 
+def _fields(values: dict, prefix: str, specs: tuple[tuple[str, float | None, float | None, str], ...]) -> list[str]:
+    found = (_number(values.get(name), f"{prefix}{name}", low, high, unit) for name, low, high, unit in specs)
+    return [p for p in found if p]
+
+
 def _metadata_problems(meta: dict, cfg: ImportConfig) -> list[str]:
-    problems = [p for p in (_number(meta.get("frequency_hz"), "frequency_hz", 0.0, None, "Hz"),
-                            _number(meta.get("sample_rate_hz"), "sample_rate_hz", 0.0, None, "Hz")) if p]
+    """Every broken rule of one metadata.json, one phrase each."""
+    positive_hz = (("frequency_hz", 0.0, None, "Hz"), ("sample_rate_hz", 0.0, None, "Hz"))
+    problems = _fields(meta, "", positive_hz)
     rate = meta.get("sample_rate_hz")
     if not problems and rate is not None and rate != cfg.sample_rate_hz:
-        problems.append(f"sample rate must be {cfg.sample_rate_hz:.0f} Hz, got {rate:.0f}; resample the captures "
-                        f"to {cfg.sample_rate_hz:.0f} Hz before importing")
+        problems.append(f"sample rate must be {cfg.sample_rate_hz:.0f} Hz, got {rate:.0f}; resample the "
+                        f"captures to {cfg.sample_rate_hz:.0f} Hz before importing")
     tx = _object(meta.get("transmitter"), "transmitter", problems)
-    problems += [p for f, lo, hi, unit in _TRANSMITTER_FIELDS if (p := _number(tx.get(f), f"transmitter.{f}", lo, hi, unit))]
+    problems += _fields(tx, "transmitter.", _TRANSMITTER_FIELDS)
     if (tx.get("lat") is None) != (tx.get("lon") is None):
-        problems.append(f"transmitter needs both lat and lon or neither, got lat={tx.get('lat')!r}, lon={tx.get('lon')!r}")
-    measurements = _object(meta.get("measurements"), "measurements", problems)
-    for sid, m in measurements.items():
+        problems.append(f"transmitter needs both lat and lon or neither, "
+                        f"got lat={tx.get('lat')!r}, lon={tx.get('lon')!r}")
+    for sid, m in _object(meta.get("measurements"), "measurements", problems).items():
         if sid not in STATION_IDS:
             problems.append(f"measurements has unknown station id {sid!r}; valid ids are {', '.join(STATION_IDS)}")
-            continue
-        m = _object(m, f"measurements.{sid}", problems)
-        problems += [p for f, lo, hi, unit in _MEASUREMENT_FIELDS if (p := _number(m.get(f), f"measurements.{sid}.{f}", lo, hi, unit))]
+        else:
+            problems += _fields(_object(m, f"measurements.{sid}", problems), f"measurements.{sid}.", _MEASUREMENT_FIELDS)
     return problems
 
 
