@@ -4,7 +4,8 @@ Fixtures:
     postgres_url (session): ``postgresql://postgres@127.0.0.1:PORT/heimdall``, a
         private cluster in a temporary directory (trust auth, fsync off).
     s3_settings (session): :class:`heimdall.store.S3Settings` of a private
-        ``weed mini`` with one random access key (real key checking).
+        ``weed mini`` with one random access key (real key checking); its keys are
+        also ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` in the environment.
     s3_store (function): an ``S3Store`` on a unique prefix of the shared bucket
         ``heimdall-test``; its objects are deleted afterwards.
     local_store (function): ``LocalStore(tmp_path / "store")``.
@@ -120,9 +121,29 @@ def s3_settings(pytestconfig: pytest.Config) -> Iterator[S3Settings]:
         _record(pytestconfig, f"SeaweedFS S3 on {server.endpoint} (pid {server.pid}), "
                               f"started in {time.monotonic() - started:.1f} s")
         try:
-            yield S3Settings(endpoint=server.endpoint, access_key=server.access_key, secret_key=server.secret_key)
+            settings = S3Settings(endpoint=server.endpoint, access_key=server.access_key, secret_key=server.secret_key)
+            with _keys_in_environment(settings):
+                yield settings
         finally:
             server.stop()
+
+
+@contextmanager
+def _keys_in_environment(settings: S3Settings) -> Iterator[None]:
+    """The server's keys in this process's environment for the session, where a user's shell or a
+    cluster node has them: the pyarrow filesystems handed to Ray carry no keys, and every process
+    that uses one (this one, Ray workers started after this) reads them there."""
+    keys = {"AWS_ACCESS_KEY_ID": settings.access_key, "AWS_SECRET_ACCESS_KEY": settings.secret_key}
+    before = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _settings_from_test_env(endpoint: str) -> S3Settings:

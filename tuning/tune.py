@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import optuna
 import pyarrow.fs
@@ -40,6 +40,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from heimdall.catalog import redact_url
 from heimdall.errors import AlreadyExistsError, ConfigError, NotFoundError, ServiceUnavailableError, collect_problems
 from heimdall.store import S3Settings, open_store
 from tuning.pipeline import READ_CONCURRENCY, READ_NUM_CPUS, FeatureCache
@@ -53,6 +54,8 @@ __all__ = [
     "ResourcePlan",
     "open_run_storage",
     "open_optuna_storage",
+    "check_optuna_url",
+    "keep_credentials_out_of_runtime_envs",
     "describe_url",
     "check_new_study",
     "check_resumable",
@@ -208,7 +211,10 @@ class RunStorage:
     Attributes:
         url: as configured: a directory or ``s3://bucket/prefix``.
         path: the same place as a path on :attr:`filesystem` (``bucket/prefix`` for S3).
-        filesystem: a pyarrow ``S3FileSystem`` for S3; None for a local directory.
+        filesystem: a pyarrow ``S3FileSystem`` for S3, None for a local directory. It holds
+            no keys (:meth:`heimdall.store.S3Store.pyarrow_filesystem`), so Tune can pickle it
+            into ``tuner.pkl`` and ship it to trials: each process signs with the
+            ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` of its own environment.
     """
 
     url: str
@@ -278,16 +284,50 @@ def open_run_storage(url: str, s3: S3Settings | None = None) -> RunStorage:
     return RunStorage(url=url, path=base, filesystem=None)
 
 
+def keep_credentials_out_of_runtime_envs() -> None:
+    """Stop Ray Tune from copying the driver's S3 keys into every trial's runtime env.
+
+    Tune adds ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and the session
+    tokens of the driver's environment to each trial actor's runtime env,
+    which Ray's runtime-env agent writes to its log (``runtime_env_agent.log``
+    in the Ray temp dir, world-readable) and the dashboard shows. Trials need no
+    copy: they inherit the keys from their node's environment (local Ray: the
+    driver's; a cluster: ``cluster/.env`` or the Kubernetes Secret).
+    """
+    from ray.tune.execution import class_cache
+
+    getattr(class_cache, "ENV_VARS_TO_PROPAGATE", set()).difference_update(CREDENTIAL_VARS)
+
+
 def describe_url(url: str) -> str:
-    """A database URL with its password masked, safe to print."""
+    """``url`` without any password (user part or ``password=`` parameter), safe to print or save.
+
+    The one redactor of the project (:func:`heimdall.catalog.redact_url`), under the name tuning uses.
+    """
+    return redact_url(url)
+
+
+def check_optuna_url(url: str) -> None:
+    """Refuse an Optuna storage URL that carries a password (see :func:`open_optuna_storage`).
+
+    Raises:
+        ConfigError: a password in the user part or a ``password=`` parameter, with the fix.
+    """
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
+    if parts.password is not None or any(k.lower() == "password" for k, _ in parse_qsl(parts.query)):
+        raise ConfigError("Optuna storage", [
+            f"the URL {describe_url(url)!r} carries a password, and Tune saves the Optuna storage, URL "
+            f"included, with the study's state in the run storage; fix: remove the password from "
+            f"--optuna-storage / HEIMDALL_OPTUNA_STORAGE and export PGPASSWORD instead"])
 
 
 def open_optuna_storage(url: str) -> optuna.storages.BaseStorage:
     """Connect to the Optuna study database (tables are created on first use).
+
+    The URL must not carry a password: Tune pickles the searcher, storage and
+    URL included, into the study's state (``searcher-state-*.pkl`` in the run
+    storage). libpq reads the password from ``PGPASSWORD`` instead, in this
+    process and again when ``--resume`` unpickles the storage.
 
     Args:
         url: ``postgresql://user@host:port/db`` or ``sqlite:///path.db`` (SQLAlchemy URLs).
@@ -296,7 +336,7 @@ def open_optuna_storage(url: str) -> optuna.storages.BaseStorage:
         An ``RDBStorage``.
 
     Raises:
-        ConfigError: the URL is neither PostgreSQL nor SQLite.
+        ConfigError: the URL is neither PostgreSQL nor SQLite, or carries a password.
         ServiceUnavailableError: the database cannot be reached (within a few seconds).
     """
     scheme = urlsplit(url).scheme.split("+")[0]
@@ -304,6 +344,7 @@ def open_optuna_storage(url: str) -> optuna.storages.BaseStorage:
         raise ConfigError("Optuna storage", [
             f"unsupported Optuna storage URL {describe_url(url)!r}; use postgresql://user@host:5432/db "
             f"or sqlite:///path/optuna.db"])
+    check_optuna_url(url)
     engine_kwargs = {"connect_args": {"connect_timeout": PG_CONNECT_TIMEOUT_S}} if scheme == "postgresql" else {}
     if url.startswith("postgresql://"):
         # SQLAlchemy 2.1 defaults to psycopg 3, which is not installed; psycopg2 is (the catalogue uses it too).
@@ -533,6 +574,7 @@ def make_scheduler(config: StudyConfig) -> ASHAScheduler:
 
 def make_trainable(spec: TrialSpec, datasets: Mapping[str, Any], cache: FeatureCache, plan: ResourcePlan) -> Any:
     """The trial function with its study-wide arguments bound and its placement group set."""
+    keep_credentials_out_of_runtime_envs()
     bound = tune.with_parameters(run_trial, spec=spec, datasets=dict(datasets), cache=cache)
     return tune.with_resources(bound, plan.trial_resources())
 

@@ -4,6 +4,12 @@ Settings are passed in (or read from the environment by
 :meth:`S3Settings.from_env` when asked, never at import). The SDK is imported
 only when a store is built, so ``import heimdall.store`` stays light.
 
+No secret is ever pickled: :class:`S3Settings` and :class:`S3Store` pickle as
+where the server is, and the process that unpickles them (a Ray worker)
+reads ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY`` from its own
+environment; :meth:`S3Store.pyarrow_filesystem` carries no keys at all. So
+what Ray ships to workers or Tune saves with a study holds no credentials.
+
 Failures surface as Heimdall errors naming the endpoint and the fix:
 unreachable server → :class:`~heimdall.errors.ServiceUnavailableError` (within
 a few seconds: the HTTP client has short timeouts and few retries), refused
@@ -15,11 +21,12 @@ from __future__ import annotations
 import io
 import os
 import re
+import socket
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from heimdall.errors import (
@@ -83,6 +90,17 @@ class S3Settings:
             f"S3Settings(endpoint={self.endpoint!r}, access_key={_mask(self.access_key)!r}, "
             f"secret_key='<redacted>', secure={self.secure}, region={self.region!r})"
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Settings travel to Ray workers and into Tune's saved state: they keep where the server
+        # is, and the process that unpickles them reads the keys from its own environment.
+        return _settings_from_environment, (self.endpoint, self.secure, self.region)
+
+    def __copy__(self) -> S3Settings:
+        return self  # immutable; and a copy must not re-read the keys from the environment
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> S3Settings:
+        return self
 
     @property
     def host(self) -> str:
@@ -163,6 +181,10 @@ class S3Store:
 
     def __repr__(self) -> str:
         return f"S3Store({self.settings!r}, bucket={self.bucket!r}, prefix={self.prefix!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Not the SDK client, which holds the keys: the settings pickle without them (see S3Settings).
+        return S3Store, (self.settings, self.bucket, self.prefix)
 
     def describe(self) -> str:
         """Return ``s3://bucket/prefix at http://host:port`` (no credentials)."""
@@ -248,13 +270,25 @@ class S3Store:
     def pyarrow_filesystem(self) -> tuple[pyarrow.fs.FileSystem, str]:
         """Return a ``pyarrow.fs.S3FileSystem`` for this server and ``bucket[/prefix]``.
 
-        The endpoint is passed explicitly because pyarrow ignores ``AWS_ENDPOINT_URL_S3``.
+        The filesystem carries no keys: it signs with ``AWS_ACCESS_KEY_ID`` and
+        ``AWS_SECRET_ACCESS_KEY`` from the environment of whichever process uses
+        it, this one or a Ray worker it is shipped to, so pickled into Tune's
+        state (``tuner.pkl``) or a Ray task it holds no secret. The endpoint is
+        passed explicitly because pyarrow ignores ``AWS_ENDPOINT_URL_S3``.
+
+        Raises:
+            ConfigError: this process's environment does not hold the store's keys.
         """
         import pyarrow.fs  # heavy; only callers that hand data to Ray/pyarrow pay for it
 
+        env_keys = (os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY"))
+        if env_keys != (self.settings.access_key, self.settings.secret_key):
+            raise ConfigError("S3 filesystem", [
+                f"the keys of {self.describe()} (access key {_mask(self.settings.access_key)}) must also be "
+                f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in this process's environment: the pyarrow "
+                f"filesystem handed to Ray carries no keys, every process that uses it reads them there; "
+                f"fix: export both (local stack: source .heimdall/services/env.sh)"])
         fs = pyarrow.fs.S3FileSystem(
-            access_key=self.settings.access_key,
-            secret_key=self.settings.secret_key,
             region=self.settings.region,
             scheme="https" if self.settings.secure else "http",
             endpoint_override=self.settings.host,
@@ -324,6 +358,18 @@ def _endpoint_problems(endpoint: str, secure: bool) -> list[str]:
     if not parts.hostname or parts.path not in ("", "/") or parts.query or parts.username:
         problems.append(f"endpoint must be scheme://host[:port] with no path, query or user, got {endpoint!r}")
     return problems
+
+
+def _settings_from_environment(endpoint: str, secure: bool, region: str) -> S3Settings:
+    """Unpickle :class:`S3Settings`: the keys come from this process's environment."""
+    where = f"process {os.getpid()} on {socket.gethostname()}"
+    collect_problems("S3 settings unpickled here", [
+        f"{var} is not set in the environment of {where}, which received an S3 store for {endpoint}: keys "
+        f"are never pickled, each process reads them from its own environment; fix: set {var} there (Ray "
+        f"nodes: cluster/.env or the Kubernetes Secret, see docs/cluster.md; local Ray: in the driver's shell)"
+        for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if not os.environ.get(var)])
+    return S3Settings(endpoint, os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"],
+                      secure=secure, region=region)
 
 
 def _make_client(settings: S3Settings) -> minio.Minio:

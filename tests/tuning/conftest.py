@@ -48,8 +48,11 @@ class RaySession:
 
 
 @pytest.fixture(scope="session")
-def ray_session() -> Iterator[RaySession]:
+def ray_session(s3_settings: object) -> Iterator[RaySession]:
     """A local Ray shared by the whole session: 2 CPUs, 768 MiB object store, dashboard on.
+
+    Started after ``s3_settings``, so its workers inherit the S3 keys from the
+    environment, as on a real node (nothing ships them a key).
 
     Idempotent: if Ray is already initialised in this process (another fixture
     or plugin started it) that instance is reused and left running.
