@@ -60,11 +60,15 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -78,18 +82,19 @@ from ray.data import DataContext
 from tqdm import tqdm
 
 from heimdall.catalog import Catalog, DatasetInfo
+from heimdall.catalog.base import CatalogMissingError
 from heimdall.datasets import VAL, SplitConfig, generate_dataset, split_assignment
 from heimdall.errors import DataError, HeimdallError, NotFoundError, ServiceUnavailableError, collect_problems
 from heimdall.scene import GeneratorConfig
-from heimdall.store import BlobStore
+from heimdall.store import BlobStore, open_store
 from tuning.describe import baseline_reports
 from tuning.pipeline import FeatureCache, ensure_feature_cache, load_cached_split, trial_datasets
 from tuning.register import RegistrySettings, export_and_register, retry_command, trial_records
 from tuning.registry import StudyRecord
 from tuning.report import TrialRow, format_table, save_plots, study_counts, trial_rows, write_summary
 from tuning.settings import DataSettings, add_data_args, data_settings
-from tuning.spaces import SearchSpace, load_space, space_summary
-from tuning.trainer import OBJECTIVES, TrialSpec
+from tuning.spaces import SearchSpace, budget_overrides, check_space_budget, load_space, space_summary, with_overrides
+from tuning.trainer import OBJECTIVES, OPTUNA_NUMBER_KEY, TrialSpec
 from tuning.tune import (
     SMOKE_TEST,
     ResourcePlan,
@@ -104,6 +109,7 @@ from tuning.tune import (
     describe_url,
     make_searcher,
     make_trainable,
+    mark_interrupted,
     open_optuna_storage,
     open_run_storage,
     plan_resources,
@@ -114,6 +120,7 @@ from tuning.tune import (
 __all__ = ["build_parser", "main", "parse_duration", "study_config", "Connections", "connect", "run_study"]
 
 OBJECT_STORE_BYTES = 1024**3  # plenty for feature batches; Ray's default takes 30% of RAM
+EXIT_INTERRUPTED = 130  # the shell's status for a command stopped by SIGINT
 LATEST = "LATEST"  # file in the output root naming the last study started
 
 
@@ -126,11 +133,12 @@ def parse_duration(text: str) -> float | None:
     Raises:
         argparse.ArgumentTypeError: anything else (argparse turns it into a usage error).
     """
-    if text.strip().lower() in ("none", "0", "off"):
+    if text.strip().lower() in ("none", "off"):
         return None
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text.lower())
     if not m or float(m.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"expected a duration like 90s, 30m or 2h (or 'none'), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a duration > 0 like 90s, 30m or 2h, or 'none' for no limit, "
+                                         f"got {text!r}")
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
@@ -330,11 +338,11 @@ def connect(config: StudyConfig, where: Locations, *, resume: bool, export: bool
     dataset = _dataset_info(catalog, config.dataset)
     optuna_storage = open_optuna_storage(where.optuna_url)
     runs = open_run_storage(where.storage_url)
+    registry = check_registry(where) if export else None
     if resume:
         check_resumable(runs, config.name)
-    else:
-        check_new_study(optuna_storage, runs, config.name)
-    registry = check_registry(where) if export else None
+    else:  # last: it claims the name
+        check_new_study(optuna_storage, runs, config.name, config.objective_spec.mode)
     return Connections(catalog=catalog, store=store, optuna=optuna_storage, runs=runs, dataset=dataset,
                        registry=registry)
 
@@ -368,11 +376,11 @@ def _dataset_info(catalog: Catalog, name: str) -> DatasetInfo | None:
 # -- the plan ------------------------------------------------------------------------------------
 
 
-def describe_plan(config: StudyConfig, space: SearchSpace, where: Locations, conn: Connections,
+def describe_plan(config: StudyConfig, space: SearchSpace, where: Locations, info: DatasetInfo | None,
                   plan: ResourcePlan, *, resume: bool, registry: RegistrySettings | None = None) -> str:
-    """The study as it will run, one setting per line (``registry`` None: no export stage)."""
+    """The study as it will run, one setting per line (``info`` None: the dataset will be generated;
+    ``registry`` None: no export stage)."""
     o = config.objective_spec
-    info = conn.dataset
     if info is None:
         data = f"{config.dataset!r} absent: will generate {config.dataset_recordings} recordings (seed {config.dataset_seed})"
     elif info.status != "complete":
@@ -388,13 +396,13 @@ def describe_plan(config: StudyConfig, space: SearchSpace, where: Locations, con
         ("trials", f"{config.trials} x up to {config.max_epochs} epochs; ASHA grace {config.grace_period} epoch(s), "
                    f"reduction {config.reduction_factor}; time budget {budget}; seed {config.seed}"),
         ("workers", f"{config.workers_per_trial} per trial x {config.cpus_per_worker:g} CPU; {plan.describe()}"),
-        ("catalogue", conn.catalog.describe()),
-        ("store", conn.store.describe()),
+        ("catalogue", describe_url(where.data.catalog_url)),
+        ("store", describe_url(where.data.store_url)),
         ("optuna", describe_url(where.optuna_url)),
-        ("runs", f"{conn.runs.describe()}/{config.name}"),
+        ("runs", f"{describe_url(where.storage_url)}/{config.name}"),
         ("output", str(where.output_root / config.name)),
         ("ray", where.ray_address or "a new local Ray (dashboard on)"),
-        ("registry", f"{registry.mlflow_uri} (MLflow); releases to {registry.models_store}"
+        ("registry", f"{describe_url(registry.mlflow_uri)} (MLflow); releases to {registry.models_store}"
                      if registry else "off (--no-export)"),
     ]
     return "\n".join(f"  {k:10s} {v}" for k, v in rows)
@@ -488,11 +496,14 @@ def baselines(conn: Connections, info: DatasetInfo, split: SplitConfig) -> dict[
 
 
 def run_study(config: StudyConfig, space: SearchSpace, where: Locations, conn: Connections, *,
-              resume: bool, verbose: bool, callbacks: Sequence[tune.Callback] = ()) -> int:
-    """Start Ray, ensure dataset and feature cache, fit, summarise. Returns the exit status.
+              resume: bool, verbose: bool, callbacks: Sequence[tune.Callback] = (),
+              stop: GracefulStop | None = None, resume_hint: str = "python -m tuning.run --resume") -> int:
+    """Start Ray, ensure dataset and feature cache, fit, summarise, export. Returns the exit status.
 
-    ``callbacks`` are added to a new study's Tuner (a resumed one keeps its own).
+    ``callbacks`` are added to a new study's Tuner (a resumed one keeps its own). A signal
+    caught by ``stop`` during ``fit()`` ends the study without export (exit 130, ``resume_hint``).
     """
+    stop = stop or GracefulStop()
     out_dir = where.output_root / config.name
     started_ray = start_ray(where.ray_address, verbose)
     try:
@@ -508,22 +519,98 @@ def run_study(config: StudyConfig, space: SearchSpace, where: Locations, conn: C
         trainable = make_trainable(spec, trial_datasets(cache, conn.store, seed=config.seed), cache, plan)
         print(f"study:     {plan.describe()}; experiment at {conn.runs.experiment_path(config.name)}")
         if resume:
-            tuner = restore_tuner(config, trainable, conn.runs)
+            tuner = restore_tuner(config, trainable, conn.runs, conn.optuna)
         else:
             _save_study(out_dir, where, conn.runs, config)
             tuner = build_tuner(config, make_searcher(config, space, conn.optuna), trainable, conn.runs, plan,
                                 callbacks=[StudyProgress(config.objective_spec, config.trials, config.max_epochs),
                                            *callbacks])
         started = time.monotonic()
-        results = tuner.fit()
+        with stop.fitting():
+            results = tuner.fit()
+        if stop.signal is not None:
+            return interrupted(config, conn, results, stop.signal, resume_hint)
+        previous = _previous_export(out_dir, conn.runs, config.name)
         code, rows, plots = _summarise(config, where, conn, results, out_dir, baselines(conn, info, split),
                                        time.monotonic() - started)
         if code != 0 or conn.registry is None:
             return code
-        return export_best(config, space, conn, results, rows, plots, cache, out_dir)
+        return export_best(config, space, conn, results, rows, plots, cache, out_dir, previous)
     finally:
         if started_ray:
             ray.shutdown()
+
+
+class GracefulStop:
+    """SIGINT and SIGTERM during a study: Tune stops after saving its state, and nothing is exported.
+
+    Tune's own SIGINT handler ends ``fit()`` as if the study had finished, so
+    the driver could not tell an interrupted study from a complete one and
+    went on to publish. Here Tune's SIGINT handler is turned off
+    (``TUNE_DISABLE_SIGINT_HANDLER``); ours records the signal and, while
+    ``fit()`` runs, forwards it to the handler Tune installs for SIGUSR1 (the
+    same graceful stop). Outside ``fit()``, and on a second signal, it raises
+    KeyboardInterrupt: :func:`main` then prints the resume line and exits 130.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._in_fit = False
+        self._saved: dict[int, Any] = {}
+        self._env: str | None = None
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            self._saved = {s: signal.signal(s, self._handle) for s in (*self.SIGNALS, signal.SIGUSR1)}
+            self._env = os.environ.get(_TUNE_SIGINT_ENV)
+            os.environ[_TUNE_SIGINT_ENV] = "1"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+        if self._saved:
+            if self._env is None:
+                os.environ.pop(_TUNE_SIGINT_ENV, None)
+            else:
+                os.environ[_TUNE_SIGINT_ENV] = self._env
+
+    @contextmanager
+    def fitting(self) -> Iterator[None]:
+        """Mark the span of ``tuner.fit()``, the only time a signal is passed on to Tune."""
+        if self._saved:  # a stale SIGUSR1 handler of an earlier fit in this process must not swallow ours
+            signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        self._in_fit = True
+        try:
+            yield
+        finally:
+            self._in_fit = False
+
+    def _handle(self, sig: int, frame: Any) -> None:
+        first, self.signal = self.signal is None, self.signal or sig
+        tune_stop = signal.getsignal(signal.SIGUSR1)
+        if first and self._in_fit and callable(tune_stop) and tune_stop is not self._handle:
+            print(f"\n{signal.Signals(sig).name}: stopping the study once Tune has saved its state "
+                  f"(send it again to stop at once); nothing will be exported", file=sys.stderr, flush=True)
+            tune_stop(sig, frame)
+            return
+        raise KeyboardInterrupt
+
+
+_TUNE_SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
+
+
+def interrupted(config: StudyConfig, conn: Connections, results: Any, sig: int, resume_hint: str) -> int:
+    """After a signal stopped ``fit()``: leave Tune and Optuna agreeing, say how to resume. Returns 130."""
+    numbers = {int(r.config[OPTUNA_NUMBER_KEY]) for r in results if OPTUNA_NUMBER_KEY in (r.config or {})}
+    marked = mark_interrupted(conn.optuna, config.name, numbers)
+    if marked:
+        print(f"note:      Optuna trial(s) {marked} were running; --resume continues them", file=sys.stderr)
+    print(f"interrupted ({signal.Signals(sig).name}): the study's state is saved and nothing was exported; "
+          f"continue with:\n    {resume_hint}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def _save_study(out_dir: Path, where: Locations, runs: RunStorage, config: StudyConfig) -> None:
@@ -549,7 +636,7 @@ def _summarise(config: StudyConfig, where: Locations, conn: Connections, results
         "study": config.to_dict(), "objective": objective.metric, "mode": objective.mode,
         "wall_seconds": round(seconds, 1), "experiment": conn.runs.experiment_path(config.name),
         "storage_path": conn.runs.describe(), "optuna_storage": describe_url(where.optuna_url),
-        "mlflow_uri": where.mlflow_uri, "tune_trials": len(rows),
+        "mlflow_uri": where.mlflow_uri and describe_url(where.mlflow_uri), "tune_trials": len(rows),
         "tune_status": {s: sum(r.status == s for r in rows) for s in ("complete", "stopped", "error")},
         "optuna_trials": study_counts(study), "optuna_orphans_failed": orphans,
         "best": rows[0] if rows and rows[0].value is not None else None, "trials": rows,
@@ -610,16 +697,27 @@ def best_checkpoint(rows: Sequence[TrialRow], runs: RunStorage, dest: Path) -> t
 
 
 def export_best(config: StudyConfig, space: SearchSpace, conn: Connections, results: Any, rows: Sequence[TrialRow],
-                plots: dict[str, str], cache: FeatureCache, out_dir: Path) -> int:
+                plots: dict[str, str], cache: FeatureCache, out_dir: Path,
+                previous: dict[str, Any] | None = None) -> int:
     """Export the best trial to ONNX, gate it, publish it and register it (:mod:`tuning.register`).
 
     The export directory is written first, so a registry that fails now
-    loses nothing: the error names the command that finishes the job.
+    loses nothing: the error names the command that finishes the job. A study
+    whose ``previous`` export already registered this same checkpoint (a
+    ``--resume`` of a finished study) is not exported again.
     """
     from tuning.export import data_lineage
     from tuning.spaces import build_configs
 
     export_dir = out_dir / "export"
+    candidates = [r for r in rows if r.value is not None and r.checkpoint_path]
+    if previous and candidates and previous.get("status") == "registered" \
+            and previous.get("checkpoint_path") == candidates[0].checkpoint_path:
+        pub = previous["publication"]
+        print(f"\nrelease:   this study already released trial #{candidates[0].number}'s checkpoint as "
+              f"v{pub['version']} ({pub['model_key']} in {pub['store']}); nothing new to export")
+        _record_export(out_dir, conn.runs, config.name, previous)
+        return 0
     best, checkpoint = best_checkpoint(rows, conn.runs, out_dir / "best-checkpoint")
     print(f"\nexport:    best trial #{best.number} (epoch {best.best_epoch}) → ONNX, parity gate on the test split, "
           f"models store, MLflow")
@@ -649,10 +747,24 @@ def export_best(config: StudyConfig, space: SearchSpace, conn: Connections, resu
         raise
     pub = result.publication
     print(f"release:   v{pub.version} {'(already released) ' if pub.reused else ''}{pub.model_key} in {pub.store}")
-    print(f"mlflow:    heimdall-localization version {result.mlflow_version} at {conn.registry.mlflow_uri}")
+    print(f"mlflow:    heimdall-localization version {result.mlflow_version} at {describe_url(conn.registry.mlflow_uri)}")
     print(f"champion:  {'yes' if result.champion else 'no'}: {result.comparison['reason']}")
-    _record_export(out_dir, conn.runs, config.name, {"status": "registered", **result.to_dict()})
+    _record_export(out_dir, conn.runs, config.name, {"status": "registered", "trial_id": best.trial_id,
+                                                     "checkpoint_path": best.checkpoint_path, **result.to_dict()})
     return 0
+
+
+def _previous_export(out_dir: Path, runs: RunStorage, name: str) -> dict[str, Any] | None:
+    """The export record of an earlier run of this study (``summary.json``, local or in the run storage)."""
+    path = out_dir / "summary.json"
+    text = path.read_bytes() if path.is_file() else runs.read_file(name, "summary.json")
+    if not text:
+        return None
+    try:
+        export = json.loads(text).get("export")
+    except (ValueError, AttributeError):
+        return None
+    return export if isinstance(export, dict) else None
 
 
 def _record_export(out_dir: Path, runs: RunStorage, name: str, export: dict[str, Any]) -> None:
@@ -677,40 +789,117 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[tune.Callback] =
     args = parser.parse_args(argv)
     if args.resume and args.smoke_test:
         parser.error("--resume continues a saved study with its own settings; drop --smoke-test")
+    hint = resume_command(args, args.name)
     try:
-        return _run(args, callbacks)
+        with GracefulStop() as stop:
+            return _run(args, callbacks, stop)
     except HeimdallError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted: continue with `python -m tuning.run --resume`", file=sys.stderr)
-        return 130
+        print(f"interrupted: nothing was exported; continue with:\n    {hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
-def _run(args: argparse.Namespace, callbacks: Sequence[tune.Callback]) -> int:
+#: Flags that say where a study's services and files are: a resume command repeats them.
+_CONNECTION_FLAGS = ("data_dir", "catalog", "store", "optuna_storage", "storage_path", "output_dir", "mlflow_uri",
+                     "models_store", "ray_address")
+
+
+def resume_command(args: argparse.Namespace, name: str | None) -> str:
+    """``python -m tuning.run --resume --name NAME`` with the connection flags this run was given
+    (URLs without passwords: those come from the environment)."""
+    parts = ["python", "-m", "tuning.run", "--resume"]
+    if name:
+        parts += ["--name", name]
+    for flag in _CONNECTION_FLAGS:
+        value = getattr(args, flag, None)
+        if value is not None:
+            parts += [f"--{flag.replace('_', '-')}", describe_url(str(value))]
+    if args.no_export:
+        parts.append("--no-export")
+    return shlex.join(parts)
+
+
+def _run(args: argparse.Namespace, callbacks: Sequence[tune.Callback], stop: GracefulStop) -> int:
     where = locations(args)
     config = study_config(args, where)
-    space = load_space(config.space)
-    _check_space_budget(space)
+    space = study_space(config)
+    if args.dry_run:
+        return dry_run(config, space, where, resume=args.resume, export=not args.no_export)
     conn = connect(config, where, resume=args.resume, export=not args.no_export)
     try:
         plan = plan_resources(float(os.cpu_count() or 1), config.workers_per_trial, config.cpus_per_worker,
                               config.trials, config.max_concurrent)
-        print("Heimdall Tune: plan\n" + describe_plan(config, space, where, conn, plan, resume=args.resume,
+        print("Heimdall Tune: plan\n" + describe_plan(config, space, where, conn.dataset, plan, resume=args.resume,
                                                                 registry=conn.registry))
-        if args.dry_run:
-            print("\n" + space_summary(space))
-            print("\ndry run: everything checked; no Ray started, no trial run")
-            return 0
-        return run_study(config, space, where, conn, resume=args.resume, verbose=args.verbose, callbacks=callbacks)
+        return run_study(config, space, where, conn, resume=args.resume, verbose=args.verbose, callbacks=callbacks,
+                         stop=stop, resume_hint=resume_command(args, config.name))
     finally:
         conn.close()
 
 
-def _check_space_budget(space: SearchSpace) -> None:
-    collect_problems(f"search space {space.name!r}", [
-        f"{name} is set by the space, but a study's epoch budget is --max-epochs (ASHA's max_t); remove it"
-        for name in ["optimizer.max_epochs"] if name in space.fixed or any(p.name == name for p in space.parameters)])
+def dry_run(config: StudyConfig, space: SearchSpace, where: Locations, *, resume: bool, export: bool) -> int:
+    """Check everything a study needs, read-only, print the plan and what was (not) checked. Returns 0.
+
+    Raises:
+        ConfigError: every problem found, at once (nothing printed as checked).
+    """
+    from tuning import preflight as pf
+
+    check = pf.Preflight()
+    dataset: list[DatasetInfo | None] = [None]
+
+    def catalogue() -> tuple[str, str]:
+        try:
+            catalog = where.data.open_catalog(read_only=True)
+            catalog.check()
+        except CatalogMissingError:
+            return "create", f"{describe_url(where.data.catalog_url)} (absent: created by the first dataset)"
+        with catalog:
+            dataset[0] = _dataset_info(catalog, config.dataset)
+            shards = catalog.shards(config.dataset) if dataset[0] is not None else []
+        store = where.data.open_store()
+        check.probe("store", lambda: pf.store_root(store))
+        check.probe("dataset shards", lambda: pf.dataset_shards(store, dataset[0], shards, config.dataset))
+        return "ok", catalog.describe()
+
+    check.probe("catalogue", catalogue)
+    check.probe("optuna", lambda: pf.optuna_storage(where.optuna_url, config.name, resume=resume))
+    check.probe("run storage", lambda: pf.run_storage(where.storage_url, config.name, resume=resume))
+    if export:
+        registry = RegistrySettings.resolve(where.data.data_dir, where.mlflow_uri, where.models_store)
+        check.probe("models store", lambda: pf.store_root(open_store(registry.models_store)))
+        check.probe("mlflow", lambda: pf.mlflow_tracking(registry.mlflow_uri))
+    check.findings.append(pf.Finding("ray", "unchecked", "Ray is not started by a dry run; the plan assumes "
+                                     + (f"the cluster at {where.ray_address}" if where.ray_address
+                                        else f"this machine's {os.cpu_count()} CPUs")))
+    check.raise_problems()
+    plan = plan_resources(float(os.cpu_count() or 1), config.workers_per_trial, config.cpus_per_worker,
+                          config.trials, config.max_concurrent)
+    print("Heimdall Tune: plan\n" + describe_plan(config, space, where, dataset[0], plan, resume=resume,
+                                                            registry=registry if export else None))
+    print("\n" + "\n".join(f"  {f.what:14s} {f.state:9s} {f.detail}" for f in check.findings))
+    print("\n" + space_summary(space))
+    print("\n" + check.summary())
+    return 0
+
+
+def study_space(config: StudyConfig) -> SearchSpace:
+    """The study's search space, checked against its epoch budget (warm-ups that reach
+    ``--max-epochs`` are refused, or pinned to 0 for a smoke test: ``pin_long_warmups``).
+
+    Raises:
+        ConfigError: the space or its fit with the budget, every problem listed.
+    """
+    space = load_space(config.space)
+    if config.pin_long_warmups:
+        pinned = budget_overrides(space, config.max_epochs)
+        if pinned:
+            space = with_overrides(space, pinned)
+            print(f"note:      smoke test: {', '.join(pinned)} pinned to 0 (they reach --max-epochs {config.max_epochs})")
+    check_space_budget(space, config.max_epochs)
+    return space
 
 
 if __name__ == "__main__":

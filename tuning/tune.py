@@ -23,6 +23,7 @@ import fnmatch
 import json
 import math
 import os
+import socket
 import time
 import uuid
 import warnings
@@ -126,6 +127,8 @@ class StudyConfig:
         tpe_startup_trials: random trials before TPE models the results.
         max_concurrent: at most this many trials at once (None: as many as the cluster's CPUs
             fit, see :func:`plan_resources`); on a cluster, size it for one node fewer.
+        pin_long_warmups: pin the space's warm-ups that reach ``max_epochs`` to 0 instead of
+            refusing the space (``--smoke-test`` only: a real study should fix its space).
     """
 
     name: str
@@ -144,12 +147,17 @@ class StudyConfig:
     reduction_factor: int = 3
     max_failures: int = 2
     tpe_startup_trials: int = 3
+    pin_long_warmups: bool = False
     max_concurrent: int | None = None
 
     def __post_init__(self) -> None:
         p: list[str] = []
-        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
-            p.append(f"name must be non-empty and use letters, digits, '-', '_' or '.', got {self.name!r}")
+        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name) or self.name.startswith("."):
+            p.append(f"name must be non-empty, use letters, digits, '-', '_' or '.' and not start with '.' "
+                     f"(it names a folder), got {self.name!r}")
+        if not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= MAX_SEED):
+            p.append(f"seed must be an integer in [0, {MAX_SEED}] (numpy's seed range less one per trial), "
+                     f"got {self.seed!r}")
         if self.objective not in OBJECTIVES:
             p.append(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         for field in ("dataset_recordings", "trials", "max_epochs", "workers_per_trial", "grace_period"):
@@ -197,7 +205,7 @@ class StudyConfig:
 #: ``--smoke-test``: a tiny dataset, two one-epoch trials, no time limit (minutes end to end).
 SMOKE_TEST: dict[str, Any] = {
     "dataset": "smoke", "dataset_recordings": 128, "trials": 2, "max_epochs": 1, "time_budget_s": None,
-    "tpe_startup_trials": 2,
+    "tpe_startup_trials": 2, "pin_long_warmups": True,
 }
 
 
@@ -350,7 +358,7 @@ def open_optuna_storage(url: str) -> optuna.storages.BaseStorage:
         # SQLAlchemy 2.1 defaults to psycopg 3, which is not installed; psycopg2 is (the catalogue uses it too).
         url = "postgresql+psycopg2://" + url[len("postgresql://"):]
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        return _rdb_storage(url, engine_kwargs)
     except Exception as err:  # SQLAlchemy raises OperationalError, but drivers vary
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ServiceUnavailableError(
@@ -359,21 +367,73 @@ def open_optuna_storage(url: str) -> optuna.storages.BaseStorage:
         ) from None
 
 
-def check_new_study(storage: optuna.storages.BaseStorage, runs: RunStorage, name: str) -> None:
-    """Refuse to start a study whose name is taken (a new run would silently merge into it).
+def _rdb_storage(url: str, engine_kwargs: dict[str, Any]) -> optuna.storages.RDBStorage:
+    """``RDBStorage``, retried when another driver was creating the same tables at the same moment
+    (PostgreSQL then refuses the second ``CREATE TABLE`` with a unique violation)."""
+    import sqlalchemy.exc
+
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == 2:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def check_new_study(storage: optuna.storages.BaseStorage, runs: RunStorage, name: str, mode: str = "min") -> None:
+    """Claim the name of a new study: create its Optuna study now, so of two drivers started with
+    the same ``--name`` only one gets it (the database's unique study name decides).
+
+    A claim left by a driver on this host that died before its first trial is
+    taken over; any other existing study or Tune experiment is refused.
 
     Raises:
         AlreadyExistsError: the Optuna study or the Tune experiment exists, with the fix.
     """
-    where = []
-    if name in optuna.get_all_study_names(storage):
-        where.append("the Optuna storage")
     if tune.Tuner.can_restore(runs.experiment_path(name), storage_filesystem=runs.filesystem):
-        where.append(f"the run storage ({runs.describe()})")
-    if where:
         raise AlreadyExistsError(
-            f"a study named {name!r} already exists in {' and '.join(where)}; fix: add --resume to continue it, "
-            f"or pick another --name")
+            f"a study named {name!r} already exists in the run storage ({runs.describe()}); fix: add --resume to "
+            f"continue it, or pick another --name")
+    direction = "minimize" if mode == "min" else "maximize"
+    for attempt in range(2):
+        try:
+            study = optuna.create_study(study_name=name, storage=storage, direction=direction, load_if_exists=False)
+        except optuna.exceptions.DuplicatedStudyError:
+            existing = optuna.load_study(study_name=name, storage=storage)
+            if attempt == 0 and not existing.trials and _stale_claim(existing.user_attrs.get(CLAIM_ATTR)):
+                optuna.delete_study(study_name=name, storage=storage)
+                continue
+            claim = existing.user_attrs.get(CLAIM_ATTR) or {}
+            by = f" (claimed by pid {claim.get('pid')} on {claim.get('host')})" if claim and not existing.trials else ""
+            raise AlreadyExistsError(
+                f"a study named {name!r} already exists in the Optuna storage{by}; fix: add --resume to continue "
+                f"it, or pick another --name") from None
+        study.set_user_attr(CLAIM_ATTR, {"host": socket.gethostname(), "pid": os.getpid(),
+                                         "pid_start": _process_start(os.getpid())})
+        return
+
+
+#: Optuna study user attribute naming the driver that created the study (see check_new_study).
+CLAIM_ATTR = "heimdall_claimed_by"
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` in clock ticks since boot (Linux), which tells a reused pid apart."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _stale_claim(claim: Any) -> bool:
+    """A claim by a driver on this host that no longer runs, or by this very process (a study that
+    failed before its first trial and is started again in-process); other hosts cannot be checked."""
+    if not isinstance(claim, dict) or claim.get("host") != socket.gethostname():
+        return False
+    pid = claim.get("pid")
+    return not isinstance(pid, int) or pid == os.getpid() or _process_start(pid) != claim.get("pid_start")
 
 
 def check_resumable(runs: RunStorage, name: str) -> None:

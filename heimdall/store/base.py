@@ -35,6 +35,14 @@ class BlobStore(Protocol):
         """
         ...
 
+    def root_exists(self) -> bool:
+        """Whether the store's directory or bucket exists; only reads (a first write creates it).
+
+        Raises:
+            ServiceUnavailableError: the backend cannot be reached.
+        """
+        ...
+
     def put(self, key: str, data: bytes) -> None:
         """Write ``data`` under ``key``, replacing any existing object atomically.
 

@@ -44,6 +44,10 @@ class LocalStore:
         """Return ``file://<root>``, which :func:`heimdall.store.open_store` accepts back."""
         return f"file://{self.root.as_posix()}"
 
+    def root_exists(self) -> bool:
+        """Whether the root directory exists (see :class:`BlobStore`)."""
+        return self.root.is_dir()
+
     def put(self, key: str, data: bytes) -> None:
         """Write ``data`` under ``key`` atomically (see :class:`BlobStore`)."""
         self._write_atomically(key, lambda out: out.write(data))

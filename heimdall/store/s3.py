@@ -206,6 +206,11 @@ class S3Store:
                         raise
         self._bucket_ready = True
 
+    def root_exists(self) -> bool:
+        """Whether the bucket exists (see :class:`BlobStore`); never creates it."""
+        with self._translated("check bucket"):
+            return bool(self._client.bucket_exists(self.bucket))
+
     def put(self, key: str, data: bytes) -> None:
         """Write ``data`` under ``key`` (see :class:`BlobStore`)."""
         name = self._name(key)

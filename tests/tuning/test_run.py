@@ -2,11 +2,13 @@
 
 The fast tests need no Ray. The default end-to-end test runs a tiny study (64
 recordings, 2 trials, 1 epoch) on the session's Ray with the catalogue and the
-Optuna study in PostgreSQL and the checkpoints in S3. The slow ones kill a
-driver (then ``--resume``) and a Train worker mid-study.
+Optuna study in PostgreSQL and the checkpoints in S3. A Train worker is
+killed mid-study here; drivers are killed at every moment of a trial's end in
+test_hostile_resume.py.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -75,6 +77,9 @@ def test_two_cores_run_one_trial_at_a_time_and_leave_cpus_for_data() -> None:
 def test_durations_and_study_settings_are_validated() -> None:
     assert parse_duration("90") == 90 and parse_duration("30m") == 1800 and parse_duration("2h") == 7200
     assert parse_duration("none") is None
+    for zero in ("0", "0s", "0m"):
+        with pytest.raises(argparse.ArgumentTypeError, match="'none' for no limit"):
+            parse_duration(zero)
     with pytest.raises(Exception, match="invalid study settings") as err:
         StudyConfig(name="bad name", trials=0, grace_period=5, max_epochs=2, objective="loss")
     assert len(err.value.problems) == 4
@@ -133,8 +138,10 @@ def test_dry_run_prints_the_plan_and_the_space(tmp_path: Path, capsys: pytest.Ca
     assert main(["--space", "resnet", "--dry-run", "--data-dir", str(tmp_path), "--name", "plan"]) == 0
     out = capsys.readouterr().out
     for line in ("study      plan", "will generate 8000 recordings", "val/nll_km (min)", "trial(s) at a time",
-                 "dry run: everything checked"):
+                 "dry run: checked", "the run will create: catalogue", "not checked: ray"):
         assert line in out, out
+    assert "everything checked" not in out
+    assert not tmp_path.exists() or not any(tmp_path.iterdir()), "the dry run created files"
 
 
 # -- real studies ------------------------------------------------------------------------------------
@@ -201,62 +208,6 @@ def mlflow_runs(db: Path, experiment: str) -> list[str]:
     found = client.get_experiment_by_name(experiment)
     assert found is not None, f"no MLflow experiment {experiment!r}"
     return [r.info.run_name for r in client.search_runs([found.experiment_id])]
-
-
-def _count_states(study: optuna.Study) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for t in study.trials:
-        counts[t.state.name] = counts.get(t.state.name, 0) + 1
-    return counts
-
-
-@pytest.mark.slow
-@pytest.mark.ray
-def test_resume_after_the_driver_is_killed_neither_loses_nor_reruns_trials(tmp_path: Path) -> None:
-    name, storage = "resume", f"sqlite:///{tmp_path / 'optuna.db'}"
-    args = ["--recordings", "64", "--dataset", "tiny", "--trials", "3", "--max-epochs", "2", "--time-budget", "none",
-            "--data-dir", str(tmp_path), "--optuna-storage", storage]
-    driver = subprocess.Popen([sys.executable, "-m", "tuning.run", *args, "--name", name],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    killed_at = _kill_group_after_first_complete_trial(driver, storage, name, timeout=900)
-
-    done = _cli([*args, "--resume", "--name", name], timeout=1200)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    summary = _summary(tmp_path, name)
-    study = optuna.load_study(study_name=name, storage=storage)
-    finished = [t for t in study.trials if t.state != optuna.trial.TrialState.FAIL]
-    assert summary["tune_trials"] == len(finished) == 3
-    assert sorted(summary["optuna_orphans_failed"]) == sorted(
-        t.number for t in study.trials if t.state == optuna.trial.TrialState.FAIL)
-    first = min((t for t in study.trials if t.datetime_complete and t.datetime_complete.timestamp() < killed_at),
-                key=lambda t: t.number)
-    # Not rerun: its Tune trial reported each epoch once, all before the kill.
-    result = next((tmp_path / "runs" / name).glob(f"trial-{first.number:04d}-*/result.json"))
-    epochs = [json.loads(line)["epochs"] for line in result.read_text().splitlines()]
-    assert epochs == sorted(set(epochs)) and len(epochs) <= 2
-
-
-def _kill_group_after_first_complete_trial(driver: subprocess.Popen, storage: str, name: str, timeout: float) -> float:
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            assert driver.poll() is None, f"the driver exited before the kill: {driver.stdout.read()[-3000:]}"
-            try:
-                study = optuna.load_study(study_name=name, storage=storage)
-                if _count_states(study).get("COMPLETE", 0) >= 1:
-                    break
-            except KeyError:
-                pass  # the study is created once the dataset and feature cache are ready
-            time.sleep(2)
-        else:
-            pytest.fail("no trial completed in time")
-        killed_at = time.time()
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started: a crashed machine
-        driver.wait(timeout=60)
-        return killed_at
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
 
 
 def _descendants(root: int) -> dict[int, str]:

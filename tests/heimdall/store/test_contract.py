@@ -240,3 +240,23 @@ def test_open_store_s3_without_settings_reads_the_environment(monkeypatch: pytes
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(ConfigError, match="AWS_ACCESS_KEY_ID"):
         open_store("s3://bucket-x")
+
+
+def test_root_exists_only_reads(store: BlobStore, s3_settings_or_none: S3Settings | None, tmp_path: Path) -> None:
+    """A store whose directory or bucket is absent says so and stays absent; a write creates it."""
+    if isinstance(store, S3Store):
+        assert s3_settings_or_none is not None
+        absent: BlobStore = S3Store(s3_settings_or_none, f"heimdall-absent-{os.getpid()}-{time.time_ns() % 10**6}")
+    else:
+        absent = LocalStore(tmp_path / "absent")
+    assert absent.root_exists() is False
+    assert absent.list() == [] and not absent.exists("k")
+    assert absent.root_exists() is False, "a read created the bucket or directory"
+    absent.put("k", b"1")
+    assert absent.root_exists() is True
+    absent.delete("k")
+
+
+@pytest.fixture
+def s3_settings_or_none(request: pytest.FixtureRequest) -> S3Settings | None:
+    return request.getfixturevalue("s3_settings") if "s3" in request.node.callspec.id else None
