@@ -256,7 +256,6 @@ class _WorkerKiller(threading.Thread):
             time.sleep(0.3)
 
 
-@pytest.mark.slow
 @pytest.mark.ray
 def test_killed_train_worker_restarts_from_its_checkpoint_and_the_study_completes(
     ray_session: object, tmp_path: Path, capsys: pytest.CaptureFixture[str]
