@@ -94,12 +94,13 @@ from tuning.registry import StudyRecord
 from tuning.report import TrialRow, format_table, save_plots, study_counts, trial_rows, write_summary
 from tuning.settings import DataSettings, add_data_args, data_settings
 from tuning.spaces import SearchSpace, budget_overrides, check_space_budget, load_space, space_summary, with_overrides
-from tuning.trainer import OBJECTIVES, OPTUNA_NUMBER_KEY, TrialSpec
+from tuning.trainer import OBJECTIVES, TrialSpec
 from tuning.tune import (
     SMOKE_TEST,
     ResourcePlan,
     STUDY_FILES,
     WORKER_GROUP_START_TIMEOUT_S,
+    STOPPING,
     RunStorage,
     StudyConfig,
     StudyProgress,
@@ -115,6 +116,7 @@ from tuning.tune import (
     plan_resources,
     reconcile_optuna,
     restore_tuner,
+    trial_number,
 )
 
 __all__ = ["build_parser", "main", "parse_duration", "study_config", "Connections", "connect", "run_study"]
@@ -587,6 +589,7 @@ class GracefulStop:
             yield
         finally:
             self._in_fit = False
+            STOPPING.clear()
 
     def _handle(self, sig: int, frame: Any) -> None:
         first, self.signal = self.signal is None, self.signal or sig
@@ -594,6 +597,7 @@ class GracefulStop:
         if first and self._in_fit and callable(tune_stop) and tune_stop is not self._handle:
             print(f"\n{signal.Signals(sig).name}: stopping the study once Tune has saved its state "
                   f"(send it again to stop at once); nothing will be exported", file=sys.stderr, flush=True)
+            STOPPING.set()  # trials Tune stops now stay open in Optuna: --resume continues them
             tune_stop(sig, frame)
             return
         raise KeyboardInterrupt
@@ -604,7 +608,7 @@ _TUNE_SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
 
 def interrupted(config: StudyConfig, conn: Connections, results: Any, sig: int, resume_hint: str) -> int:
     """After a signal stopped ``fit()``: leave Tune and Optuna agreeing, say how to resume. Returns 130."""
-    numbers = {int(r.config[OPTUNA_NUMBER_KEY]) for r in results if OPTUNA_NUMBER_KEY in (r.config or {})}
+    numbers = {n for n in map(trial_number, results) if n is not None}
     marked = mark_interrupted(conn.optuna, config.name, numbers)
     if marked:
         print(f"note:      Optuna trial(s) {marked} were running; --resume continues them", file=sys.stderr)

@@ -414,11 +414,18 @@ class PostgresServer:
         if not (data_dir / "PG_VERSION").exists():
             _run(_as_pg_user([str(bindir / "initdb"), "-D", str(data_dir), "--auth=trust", f"--username={PG_USER}",
                               "--encoding=UTF8", "--no-locale", "--no-sync", "--no-instructions"]), "initdb")
-        port = port or free_ports(1)[0]
         log = data_dir / "server.log"
-        pg_ctl = [str(bindir / "pg_ctl"), "-D", str(data_dir), "-l", str(log), "-w", "-t", str(int(timeout_s)),
-                  "-o", _pg_options(data_dir, port, durable), "start"]
-        _run(_as_pg_user(pg_ctl), f"starting PostgreSQL on port {port}", log)
+        for attempt in range(1 if port else 3):  # a free port can be taken by another process before we bind it
+            chosen = port or free_ports(1)[0]
+            pg_ctl = [str(bindir / "pg_ctl"), "-D", str(data_dir), "-l", str(log), "-w", "-t", str(int(timeout_s)),
+                      "-o", _pg_options(data_dir, chosen, durable), "start"]
+            try:
+                _run(_as_pg_user(pg_ctl), f"starting PostgreSQL on port {chosen}", log)
+                break
+            except ServiceError as err:
+                if port or attempt == 2 or "Address already in use" not in str(err):
+                    raise
+        port = chosen
         server = cls(data_dir, port, ProcessIdentity.of(_postmaster_pid(data_dir), str(data_dir)), database)
         try:
             server._create_database(bindir)

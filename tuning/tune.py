@@ -23,7 +23,9 @@ import fnmatch
 import json
 import math
 import os
+import re
 import socket
+import threading
 import time
 import uuid
 import warnings
@@ -548,6 +550,12 @@ class NumberedSpace:
         return {**fixed, OPTUNA_NUMBER_KEY: trial.number}
 
 
+#: Set by the driver's SIGINT/SIGTERM handler (:class:`tuning.run.GracefulStop`) while Tune winds
+#: the study down: trials stopped by that are interrupted, not failed. A process-wide event because
+#: a signal is process-wide, and the searcher of a resumed study is unpickled by Tune, out of reach.
+STOPPING = threading.Event()
+
+
 class StudySearch(OptunaSearch):
     """``OptunaSearch`` that never writes into a trial Optuna has already finished.
 
@@ -585,8 +593,9 @@ class StudySearch(OptunaSearch):
         self._ot_trials[trial_id].report(float(value), step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        """Tell Optuna the trial's end, unless it already knows it."""
-        if self._finished_in_optuna(trial_id):
+        """Tell Optuna the trial's end, unless it already knows it, or the trial only ended because
+        the study is being interrupted (:data:`STOPPING`): ``--resume`` continues it, so it stays open."""
+        if self._finished_in_optuna(trial_id) or (error and STOPPING.is_set()):
             return
         super().on_trial_complete(trial_id, result=result, error=error)
 
@@ -616,6 +625,16 @@ def trial_name(trial: Any) -> str:
     """``trial-0003-1a2b3c4d``: Optuna number and Tune id (Tune's default name lists every parameter)."""
     number = trial.config.get(OPTUNA_NUMBER_KEY)
     return f"trial-{int(number):04d}-{trial.trial_id}" if number is not None else f"trial-{trial.trial_id}"
+
+
+def trial_number(result: Any) -> int | None:
+    """The Optuna number of a Tune ``Result``: from its config, else from its folder's name
+    (:func:`trial_name`), which a trial stopped before its first report still has."""
+    number = (result.config or {}).get(OPTUNA_NUMBER_KEY)
+    if number is None:
+        m = re.match(r"trial-(\d+)-", Path(str(result.path)).name)
+        number = m and m.group(1)
+    return int(number) if number is not None else None
 
 
 def make_scheduler(config: StudyConfig) -> ASHAScheduler:
