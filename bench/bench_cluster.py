@@ -1,7 +1,7 @@
 """Trials per hour on one Ray node versus two, each study submitted with ``ray job submit``.
 
 For each cluster shape (head only; head + one worker node) the benchmark
-starts a real local cluster (:class:`tuning.localcluster.LocalCluster`, every
+starts a real local cluster (:class:`tuning.ops.localcluster.LocalCluster`, every
 node 2 logical CPUs), submits the same study with the Ray CLI, and reads the
 study's own ``summary.json``: trials per hour = finished trials / the Tune
 run's wall time; every trial runs all its epochs (ASHA's grace period = the
@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tuning.localcluster import LocalCluster
+from tuning.ops.localcluster import LocalCluster
 from tuning.run import main as run_main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,9 +1,9 @@
 """onnxruntime versus PyTorch eager: inference latency per recording, batch 1 and 64.
 
 Both run the same exported graph contract in the same process: PyTorch runs
-:class:`tuning.export.ExportedLocalizer` (the network plus the geographic
+:class:`tuning.release.onnx.ExportedLocalizer` (the network plus the geographic
 outputs and the ellipse) under ``torch.inference_mode()``; onnxruntime runs the
-file :func:`tuning.export.export_onnx` writes from it. Both get the same number
+file :func:`tuning.release.onnx.export_onnx` writes from it. Both get the same number
 of threads (``torch.set_num_threads`` and onnxruntime's ``intra_op_num_threads``;
 inter-op 1). Latency per recording is the median over repeats of one batch's
 time divided by the batch size, the two runtimes timed alternately. The goal: onnxruntime <= 0.5 x PyTorch.
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tuning.export import ExportedLocalizer, build_metadata, export_onnx, load_checkpoint, onnx_session
+from tuning.release.onnx import ExportedLocalizer, build_metadata, export_onnx, load_checkpoint, onnx_session
 
 
 def parse_args() -> argparse.Namespace:

@@ -9,7 +9,7 @@ Measures, in one run and on the same shards:
    writes, manifest) with 1 and N actors, with and without the Bayes oracle;
    ratios are against the numpy loop. The build of a one-shard, 8-recording
    dataset is taken as the fixed start-up cost, giving a steady-state rate too;
-2. whether a trainer waits for data: epochs of :class:`tuning.pipeline.RayBatches`
+2. whether a trainer waits for data: epochs of :class:`tuning.data.pipeline.RayBatches`
    over ``streaming_split(1)`` (what ``ray.train.get_dataset_shard`` returns)
    while each batch goes through a real ResNet training step on the CPU (the
    first 10 batches), then through a 20 ms sleep standing for a GPU step (two
@@ -46,7 +46,7 @@ from heimdall.errors import NotFoundError
 from heimdall.features import FeatureConfig, SpectrogramFeatures, spectrogram_numpy
 from heimdall.models import ResNetConfig, build_model
 from heimdall.store import BlobStore
-from tuning.pipeline import RayBatches, ensure_feature_cache, trial_datasets
+from tuning.data.pipeline import RayBatches, ensure_feature_cache, trial_datasets
 from tuning.settings import add_data_args, data_settings
 
 #: Recordings of the one-shard dataset whose build time is taken as the start-up cost.

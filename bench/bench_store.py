@@ -28,7 +28,7 @@ from heimdall.shards import ShardData, encode_shard, sha256_hex
 from heimdall.store import LocalStore, S3Settings
 from heimdall.store.s3 import S3Store
 from heimdall.synthetic import generate
-from tuning.services import SeaweedServer
+from tuning.ops.services import SeaweedServer
 
 
 def make_shards(n: int, size: int) -> list[bytes]:

@@ -48,12 +48,12 @@ from heimdall.errors import NotFoundError
 from heimdall.models import build_model
 from heimdall.module import LocalizationModule
 from heimdall.store import open_store
-from tuning.pipeline import FeatureCache, ensure_feature_cache, trial_datasets, worker_batches
+from tuning.data.pipeline import FeatureCache, ensure_feature_cache, trial_datasets, worker_batches
 from tuning.run import main as run_main
 from tuning.settings import DataSettings
-from tuning.spaces import load_space, to_optuna
-from tuning.trainer import OBJECTIVES, TrialSpec
-from tuning.tune import StudyConfig
+from tuning.study.spaces import load_space, to_optuna
+from tuning.study.trial import OBJECTIVES, TrialSpec
+from tuning.study.tune import StudyConfig
 
 DEFAULT_TRAIN_ROWS = round(StudyConfig(name="x").dataset_recordings * 0.8)
 DEFAULT_EPOCHS = StudyConfig(name="x").max_epochs

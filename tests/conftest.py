@@ -39,7 +39,7 @@ import pytest
 from heimdall.errors import ConfigError
 from heimdall.store import LocalStore, S3Settings
 from heimdall.store.s3 import S3Store
-from tuning.services import PostgresServer, SeaweedServer, ServiceError, pg_version
+from tuning.ops.services import PostgresServer, SeaweedServer, ServiceError, pg_version
 
 TEST_BUCKET = "heimdall-test"
 _SERVICE_LINES = pytest.StashKey[list[str]]()

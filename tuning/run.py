@@ -7,7 +7,7 @@ trials and writes ``summary.json`` and Optuna's plots to the study's output
 directory. Then the best trial's checkpoint is exported to ONNX, gated
 against PyTorch on the test split, published to the models store and
 registered in MLflow (:mod:`tuning.register`; ``--no-export`` skips it). Every
-setting has a default in :class:`tuning.tune.StudyConfig`.
+setting has a default in :class:`tuning.study.tune.StudyConfig`.
 
 Commands to copy::
 
@@ -87,15 +87,15 @@ from heimdall.datasets import VAL, SplitConfig, generate_dataset, split_assignme
 from heimdall.errors import DataError, HeimdallError, NotFoundError, ServiceUnavailableError, collect_problems
 from heimdall.scene import GeneratorConfig
 from heimdall.store import BlobStore, open_store
-from tuning.describe import baseline_reports
-from tuning.pipeline import FeatureCache, ensure_feature_cache, load_cached_split, trial_datasets
-from tuning.register import RegistrySettings, export_and_register, retry_command, trial_records
-from tuning.registry import StudyRecord
-from tuning.report import TrialRow, format_table, save_plots, study_counts, trial_rows, write_summary
+from tuning.data.describe import baseline_reports
+from tuning.data.pipeline import FeatureCache, ensure_feature_cache, load_cached_split, trial_datasets
+from tuning.release.stage import RegistrySettings, export_and_register, retry_command, trial_records
+from tuning.release.registry import StudyRecord
+from tuning.study.report import TrialRow, format_table, save_plots, study_counts, trial_rows, write_summary
 from tuning.settings import DataSettings, add_data_args, data_settings
-from tuning.spaces import SearchSpace, budget_overrides, check_space_budget, load_space, space_summary, with_overrides
-from tuning.trainer import OBJECTIVES, TrialSpec
-from tuning.tune import (
+from tuning.study.spaces import SearchSpace, budget_overrides, check_space_budget, load_space, space_summary, with_overrides
+from tuning.study.trial import OBJECTIVES, TrialSpec
+from tuning.study.tune import (
     SMOKE_TEST,
     ResourcePlan,
     STUDY_FILES,
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tuning.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     d = StudyConfig  # every default's one home; the help only quotes it
-    s = parser.add_argument_group("the study (defaults: tuning.tune.StudyConfig)")
+    s = parser.add_argument_group("the study (defaults: tuning.study.tune.StudyConfig)")
     s.add_argument("--space", help=f"search space: a name in search_spaces/ or a path to a .yaml [{d.space}]")
     s.add_argument("--dataset", help=f"dataset name; generated on first use if absent [{d.dataset}]")
     s.add_argument("--recordings", type=_positive_int,
@@ -449,7 +449,7 @@ def start_ray(address: str | None, verbose: bool) -> bool:
 
 def _ray_address_env(address: str) -> dict[str, Any]:
     """Job runtime env: every worker gets the cluster address (``ray://`` client addresses excepted)
-    and Train's worker-group start timeout (:data:`tuning.tune.WORKER_GROUP_START_TIMEOUT_S`)."""
+    and Train's worker-group start timeout (:data:`tuning.study.tune.WORKER_GROUP_START_TIMEOUT_S`)."""
     env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(WORKER_GROUP_START_TIMEOUT_S)}
     if "://" not in address:
         env["RAY_ADDRESS"] = address
@@ -710,8 +710,8 @@ def export_best(config: StudyConfig, space: SearchSpace, conn: Connections, resu
     whose ``previous`` export already registered this same checkpoint (a
     ``--resume`` of a finished study) is not exported again.
     """
-    from tuning.export import data_lineage
-    from tuning.spaces import build_configs
+    from tuning.release.onnx import data_lineage
+    from tuning.study.spaces import build_configs
 
     export_dir = out_dir / "export"
     candidates = [r for r in rows if r.value is not None and r.checkpoint_path]
@@ -849,7 +849,7 @@ def dry_run(config: StudyConfig, space: SearchSpace, where: Locations, *, resume
     Raises:
         ConfigError: every problem found, at once (nothing printed as checked).
     """
-    from tuning import preflight as pf
+    from tuning.study import preflight as pf
 
     check = pf.Preflight()
     dataset: list[DatasetInfo | None] = [None]

@@ -54,7 +54,7 @@ def _configs(args: argparse.Namespace):
     from heimdall.losses import LossConfig
     from heimdall.models import model_config_from_dict
     from heimdall.module import OptimizerConfig
-    from tuning.spaces import TrialConfigs, fit_budget
+    from tuning.study.spaces import TrialConfigs, fit_budget
 
     opt = OptimizerConfig()
     overrides = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}

@@ -38,8 +38,8 @@ import tuning.run
 import tuning.settings
 from heimdall.store import S3Settings
 from heimdall.store.s3 import S3Store
-from tuning.publish import MODELS_BUCKET
-from tuning.spaces import available_spaces, load_space
+from tuning.release.publish import MODELS_BUCKET
+from tuning.study.spaces import available_spaces, load_space
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
@@ -227,7 +227,7 @@ def test_runtime_env_excludes_data_history_and_secrets() -> None:
     for path in (".heimdall/store/x.parquet", ".git/HEAD", "data/raw.bin", "cluster/.env", "mlruns/0/meta.yaml",
                  "model.onnx", "heimdall_tune.egg-info/PKG-INFO"):
         assert excluded(ROOT / path), f"{path} would be uploaded with --working-dir"
-    for path in ("tuning/run.py", "heimdall/store/s3.py", "search_spaces/resnet.yaml", "pyproject.toml",
+    for path in ("tuning/run.py", "tuning/data/cli.py", "heimdall/store/s3.py", "search_spaces/resnet.yaml", "pyproject.toml",
                  "constraints.txt", "cluster/runtime_env.yaml"):
         assert not excluded(ROOT / path), f"{path} is needed by the job but excluded"
 

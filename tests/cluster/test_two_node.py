@@ -1,7 +1,7 @@
 """A real two-node Ray cluster on this machine runs a study submitted with ``ray job submit``.
 
 The head and a worker node are separate ``ray start`` process groups
-(:class:`tuning.localcluster.LocalCluster`, 3 and 2 logical CPUs, token
+(:class:`tuning.ops.localcluster.LocalCluster`, 3 and 2 logical CPUs, token
 authentication on). The study keeps everything off the nodes' disks: catalogue
 and Optuna study in PostgreSQL, shards, features, Tune state and checkpoints
 in S3, the registry in a real MLflow server. Mid-study the worker node is
@@ -30,9 +30,9 @@ import pytest
 from heimdall.store import S3Settings
 from heimdall.store.s3 import S3Store
 from tests.tuning.mlflow_fixtures import MlflowServer, mlflow_server  # noqa: F401  (fixture)
-from tuning.localcluster import HEAD_RESOURCE, LocalCluster, worker_resource
-from tuning.services import pid_alive
-from tuning.tune import open_optuna_storage
+from tuning.ops.localcluster import HEAD_RESOURCE, LocalCluster, worker_resource
+from tuning.ops.services import pid_alive
+from tuning.study.tune import open_optuna_storage
 
 pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.s3, pytest.mark.postgres]
 

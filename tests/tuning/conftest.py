@@ -8,7 +8,7 @@ shares it. Rules for tests that use it:
 * leave the dashboard on: with ``include_dashboard=False`` a Train run nested in
   a Tune trial never released its CPU (docs ENVIRONMENT.md, "Hang to avoid");
 * the cluster has 2 CPUs: size trials and Data tasks to fit (see
-  :mod:`tuning.pipeline`).
+  :mod:`tuning.data.pipeline`).
 
 Several developers run Ray on the same machine. Ray's state API, which Train
 V2's placement-group cleaner calls from inside the cluster, then cannot guess

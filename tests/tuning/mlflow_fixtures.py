@@ -35,7 +35,7 @@ import pytest
 
 from heimdall.store import S3Settings
 from heimdall.store.s3 import S3Store
-from tuning.services import free_ports
+from tuning.ops.services import free_ports
 
 __all__ = ["MlflowServer", "mlflow_server", "ARTIFACT_BUCKET", "TinyExport", "tiny_module", "save_checkpoint",
            "tiny_export"]
@@ -199,7 +199,7 @@ def save_checkpoint(module: Any, path: Path) -> Path:
 
 def tiny_export(base: Path) -> TinyExport:
     """Export :func:`tiny_module` into ``base/tiny-export`` once; later calls reuse the files."""
-    from tuning.export import build_metadata, export_onnx
+    from tuning.release.onnx import build_metadata, export_onnx
 
     folder = base / "tiny-export"
     done = TinyExport(folder / "tiny.ckpt", folder / "model.onnx")

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from tests.tuning.mlflow_fixtures import tiny_module
-from tuning.data import main as data_main
-from tuning.predict import main as predict_main
+from tuning.data.cli import main as data_main
+from tuning.release.predict import main as predict_main
 from tuning.register import main as register_main
 from tuning.train import main as train_main
 

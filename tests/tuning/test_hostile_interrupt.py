@@ -20,7 +20,7 @@ import pytest
 
 from heimdall.store import S3Settings
 from heimdall.store.s3 import S3Store
-from tuning.tune import INTERRUPTED_ATTR, open_optuna_storage
+from tuning.study.tune import INTERRUPTED_ATTR, open_optuna_storage
 
 
 def _env(s3: S3Settings) -> dict[str, str]:

@@ -116,7 +116,7 @@ def test_dry_run_on_s3_creates_no_bucket_and_says_which_will_be_created(
 
 def _claim(url: str, runs_dir: str, name: str, go: Any, hold: Any, results: Any) -> None:
     from heimdall.errors import AlreadyExistsError
-    from tuning.tune import check_new_study, open_optuna_storage, open_run_storage
+    from tuning.study.tune import check_new_study, open_optuna_storage, open_run_storage
 
     storage, runs = open_optuna_storage(url), open_run_storage(runs_dir)
     go.wait()

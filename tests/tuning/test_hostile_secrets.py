@@ -28,7 +28,7 @@ import pytest
 from heimdall.errors import ConfigError
 from heimdall.store import S3Settings, open_store
 from heimdall.store.s3 import S3Store
-from tuning.tune import describe_url, open_optuna_storage, open_run_storage
+from tuning.study.tune import describe_url, open_optuna_storage, open_run_storage
 
 REPO = Path(__file__).resolve().parents[2]
 #: Small and fast; every point valid for a one-epoch run (no MSE warm-up).

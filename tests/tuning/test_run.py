@@ -26,8 +26,8 @@ import pytest
 from heimdall.store import S3Settings
 from heimdall.store.s3 import S3Store
 from tuning.run import main, parse_duration
-from tuning.trainer import COVERAGE_BAND, OBJECTIVES, calibrated_nll
-from tuning.tune import DATA_CPUS_PER_TRIAL, StudyConfig, open_optuna_storage, plan_resources
+from tuning.study.trial import COVERAGE_BAND, OBJECTIVES, calibrated_nll
+from tuning.study.tune import DATA_CPUS_PER_TRIAL, StudyConfig, open_optuna_storage, plan_resources
 
 MALFORMED_SPACE = """\
 arch: resnet

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from heimdall.module import LocalizationModule
-from tuning.data import main as data_main
+from tuning.data.cli import main as data_main
 from tuning.train import main as train_main
 
 

@@ -10,7 +10,7 @@ import pytest
 from heimdall.errors import ConfigError, NotFoundError, ServiceUnavailableError
 from heimdall.store import BlobStore, LocalStore, S3Settings, open_store
 from heimdall.store.s3 import S3Store
-from tuning.services import free_ports
+from tuning.ops.services import free_ports
 
 MEGABYTE_OF_EVERY_BYTE = bytes(range(256)) * 4096
 

@@ -18,7 +18,7 @@ power) at one chosen event of trial #0's last epoch:
 Then ``python -m tuning.run --resume`` must finish with both books final and
 agreeing, and every trial's epochs logged exactly once.
 
-``python -m tests.tuning.test_hostile_resume POINT MARKER -- ARGS`` is the
+``python -m tests.tuning.study.test_hostile_resume POINT MARKER -- ARGS`` is the
 driver: ``tuning.run.main(ARGS)`` with the killer armed.
 """
 from __future__ import annotations
@@ -37,11 +37,11 @@ import pyarrow.fs
 import pytest
 from ray import tune
 
-from tuning.spaces import load_space
-from tuning.trainer import EPOCHS_METRIC, OPTUNA_NUMBER_KEY
-from tuning.tune import INTERRUPTED_ATTR, StudyConfig, make_searcher, mark_interrupted, open_optuna_storage
+from tuning.study.spaces import load_space
+from tuning.study.trial import EPOCHS_METRIC, OPTUNA_NUMBER_KEY
+from tuning.study.tune import INTERRUPTED_ATTR, StudyConfig, make_searcher, mark_interrupted, open_optuna_storage
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 POINTS = ("result-received", "result-logged", "optuna-complete", "optuna-complete-synced")
 MAX_EPOCHS = 1
 #: One trial where the resume only has to finish trial #0; two where it must also go on.
@@ -117,7 +117,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _run_killed_driver(args: list[str], point: str, marker: Path) -> subprocess.CompletedProcess:
-    driver = subprocess.Popen([sys.executable, "-m", "tests.tuning.test_hostile_resume", point, str(marker), "--",
+    driver = subprocess.Popen([sys.executable, "-m", "tests.tuning.study.test_hostile_resume", point, str(marker), "--",
                                *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
     try:

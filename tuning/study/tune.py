@@ -12,8 +12,8 @@ only overrides). From it and the connections the driver builds, in order:
   CPUs with CPUs left over for Ray Data, so data tasks never starve.
 * :func:`build_tuner` (or :func:`restore_tuner` for ``--resume``).
 
-Trials are :func:`tuning.trainer.run_trial`; their Tune config is the flat
-parameter dict plus the Optuna trial number (:data:`~tuning.trainer.OPTUNA_NUMBER_KEY`),
+Trials are :func:`tuning.study.trial.run_trial`; their Tune config is the flat
+parameter dict plus the Optuna trial number (:data:`~tuning.study.trial.OPTUNA_NUMBER_KEY`),
 which lets :func:`reconcile_optuna` match the two bookkeepings after a crash.
 """
 from __future__ import annotations
@@ -46,9 +46,9 @@ from ray.tune.search.optuna import OptunaSearch
 from heimdall.catalog import redact_url
 from heimdall.errors import AlreadyExistsError, ConfigError, NotFoundError, ServiceUnavailableError, collect_problems
 from heimdall.store import S3Settings, open_store
-from tuning.pipeline import READ_CONCURRENCY, READ_NUM_CPUS, FeatureCache
-from tuning.spaces import SearchSpace, to_optuna
-from tuning.trainer import EPOCHS_METRIC, OBJECTIVES, OPTUNA_NUMBER_KEY, Objective, TrialSpec, run_trial
+from tuning.data.pipeline import READ_CONCURRENCY, READ_NUM_CPUS, FeatureCache
+from tuning.study.spaces import SearchSpace, to_optuna
+from tuning.study.trial import EPOCHS_METRIC, OBJECTIVES, OPTUNA_NUMBER_KEY, Objective, TrialSpec, run_trial
 
 __all__ = [
     "StudyConfig",
@@ -81,7 +81,7 @@ __all__ = [
 
 #: CPU share Tune reserves for each trial function: it only waits on its TorchTrainer.
 TRIAL_FUNCTION_CPUS = 0.01
-#: CPUs per trial for its Ray Data read tasks (tuning.pipeline runs at most READ_CONCURRENCY at
+#: CPUs per trial for its Ray Data read tasks (tuning.data.pipeline runs at most READ_CONCURRENCY at
 #: once), counted in the plan but not reserved (see ResourcePlan).
 DATA_CPUS_PER_TRIAL = READ_CONCURRENCY * READ_NUM_CPUS
 #: How long a trial's Train run waits for its worker group's resources (Ray's default is
@@ -94,7 +94,7 @@ WORKER_GROUP_START_TIMEOUT_S = 600
 #: function, whose new Train run of the same name resumes from the last checkpoint in
 #: shared storage. Tune retries every error alike, so a deterministic failure (a bad
 #: config or data) is retried too, but only in name: the trial function recorded it, and
-#: its retry ends at once with the same reason (tuning.trainer.run_trial), training nothing.
+#: its retry ends at once with the same reason (tuning.study.trial.run_trial), training nothing.
 TUNE_MAX_FAILURES = 1
 #: Folder of the study's own files inside its Tune experiment (see RunStorage.write_file).
 STUDY_FILES = "heimdall"
@@ -116,7 +116,7 @@ class StudyConfig:
         dataset: catalogue dataset name; generated on first use if absent.
         dataset_recordings: size of a dataset generated on first use (8000 is ~1.8 GB).
         dataset_seed: seed of a generated dataset.
-        objective: ``nll``, ``median`` or ``calibrated`` (:data:`tuning.trainer.OBJECTIVES`).
+        objective: ``nll``, ``median`` or ``calibrated`` (:data:`tuning.study.trial.OBJECTIVES`).
         trials: number of trials.
         max_epochs: epochs of a trial that ASHA lets finish (ASHA's max_t).
         time_budget_s: Tune stops the study after this long (None: no limit).
@@ -184,7 +184,7 @@ class StudyConfig:
 
     @property
     def objective_spec(self) -> Objective:
-        """The :class:`~tuning.trainer.Objective` named by :attr:`objective`."""
+        """The :class:`~tuning.study.trial.Objective` named by :attr:`objective`."""
         return OBJECTIVES[self.objective]
 
     def to_dict(self) -> dict[str, Any]:
@@ -538,7 +538,7 @@ def plan_resources(cluster_cpus: float, workers_per_trial: int, cpus_per_worker:
 class NumberedSpace:
     """The space's define-by-run function, also returning the Optuna trial number.
 
-    The number lands in Tune's trial config (:data:`~tuning.trainer.OPTUNA_NUMBER_KEY`),
+    The number lands in Tune's trial config (:data:`~tuning.study.trial.OPTUNA_NUMBER_KEY`),
     which seeds the trial and ties each Tune trial to its Optuna trial.
     A picklable object: Tune pickles it with the searcher state.
     """
@@ -569,7 +569,7 @@ class StudySearch(OptunaSearch):
     Optuna finished are dropped, whatever the order of events.
 
     Intermediate values are reported per completed epoch
-    (:data:`~tuning.trainer.EPOCHS_METRIC`), not per Tune iteration, which
+    (:data:`~tuning.study.trial.EPOCHS_METRIC`), not per Tune iteration, which
     restarts from 1 when a trial function is restarted.
     """
 
@@ -638,7 +638,7 @@ def trial_number(result: Any) -> int | None:
 
 
 def make_scheduler(config: StudyConfig) -> ASHAScheduler:
-    """ASHA on completed epochs (:data:`~tuning.trainer.EPOCHS_METRIC`), not Tune's iteration count.
+    """ASHA on completed epochs (:data:`~tuning.study.trial.EPOCHS_METRIC`), not Tune's iteration count.
 
     Epochs survive a restarted trial function (it resumes its Train run), so
     rungs stay correct after a worker failure or ``--resume``. A trial that

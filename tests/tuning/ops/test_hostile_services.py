@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tuning import localcluster
-from tuning.localcluster import RayNode
-from tuning.services import ProcessIdentity, main, pid_alive, services_dir, stop_pid
+from tuning.ops import localcluster
+from tuning.ops.localcluster import RayNode
+from tuning.ops.services import ProcessIdentity, main, pid_alive, services_dir, stop_pid
 
 SLEEPER = "import time; time.sleep(60)"
 

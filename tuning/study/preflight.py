@@ -113,7 +113,7 @@ def optuna_storage(url: str, name: str, *, resume: bool) -> tuple[str, str]:
     """
     import sqlalchemy
 
-    from tuning.tune import check_optuna_url, describe_url
+    from tuning.study.tune import check_optuna_url, describe_url
 
     check_optuna_url(url)
     shown = describe_url(url)
@@ -142,7 +142,7 @@ def optuna_storage(url: str, name: str, *, resume: bool) -> tuple[str, str]:
 
 
 def _connect_args(url: str) -> dict[str, Any]:
-    from tuning.tune import PG_CONNECT_TIMEOUT_S
+    from tuning.study.tune import PG_CONNECT_TIMEOUT_S
 
     return {"connect_timeout": PG_CONNECT_TIMEOUT_S} if url.startswith("postgresql") else {}
 
@@ -186,7 +186,7 @@ def mlflow_tracking(uri: str) -> tuple[str, str]:
     """An MLflow server answers ``/health``; a SQLite file exists or will be created; other URIs unchecked."""
     parts = urlsplit(uri)
     if parts.scheme in ("http", "https"):
-        from tuning.registry import Registry
+        from tuning.release.registry import Registry
 
         registry = Registry(uri)  # probes /health, writes nothing
         return "ok", registry.describe()

@@ -4,7 +4,7 @@ Ray Train V2 no longer runs inside ``Tuner(TorchTrainer(...))``; each Tune
 trial is the function :func:`run_trial`, which builds a ``TorchTrainer`` and
 calls ``fit()``. Its workers run :func:`train_loop_per_worker`: they build the
 model-core :class:`heimdall.module.LocalizationModule` from the trial's
-parameters (:func:`tuning.spaces.build_configs`) and a plain Lightning
+parameters (:func:`tuning.study.spaces.build_configs`) and a plain Lightning
 ``Trainer``, to which Ray is added from the outside only: ``RayDDPStrategy``,
 ``RayLightningEnvironment``, ``RayTrainReportCallback`` and
 ``prepare_trainer``. Every validation epoch becomes one Train report (metrics
@@ -63,8 +63,8 @@ from heimdall.errors import ConfigError, HeimdallError, collect_problems
 from heimdall.metrics import NOMINAL_COVERAGE
 from heimdall.models import build_model
 from heimdall.module import LocalizationModule
-from tuning.pipeline import FeatureCache, RayBatches
-from tuning.spaces import SearchSpace, TrialConfigs, build_configs, fit_budget
+from tuning.data.pipeline import FeatureCache, RayBatches
+from tuning.study.spaces import SearchSpace, TrialConfigs, build_configs, fit_budget
 
 if TYPE_CHECKING:
     import ray.data
@@ -222,10 +222,10 @@ class TrialSpec:
     def configs(self, params: Mapping[str, Any]) -> TrialConfigs:
         """The trial's typed configs, with the study's epoch budget as the schedule horizon.
 
-        :func:`tuning.spaces.fit_budget` decides: the horizon is ``max_epochs``;
+        :func:`tuning.study.spaces.fit_budget` decides: the horizon is ``max_epochs``;
         a default warm-up that does not end before it is turned off, one the
         space searches or fixes is an error (which
-        :func:`tuning.spaces.check_space_budget` reports before the study).
+        :func:`tuning.study.spaces.check_space_budget` reports before the study).
 
         Raises:
             ConfigError: listing every problem of the parameters.
@@ -484,7 +484,7 @@ def run_trial(
         config: Tune's trial config: the flat parameters plus :data:`OPTUNA_NUMBER_KEY`.
         spec: the study-wide trial settings.
         datasets: ``{"train": ..., "val": ...}`` Ray datasets (or factories) of cached features,
-            from :func:`tuning.pipeline.trial_datasets`.
+            from :func:`tuning.data.pipeline.trial_datasets`.
         cache: the feature cache they read (row counts, feature config, target scaling).
 
     Raises:

@@ -16,7 +16,7 @@ from heimdall.metrics import covariance_from_sigmas, ellipse_from_covariance
 from heimdall.module import CheckpointError
 from heimdall.receivers import STATION_IDS
 from tests.tuning.mlflow_fixtures import TinyExport, save_checkpoint, tiny_export, tiny_module
-from tuning.export import (
+from tuning.release.onnx import (
     CONFIDENCE_1SIGMA,
     OUTPUT_NAMES,
     ExportedLocalizer,
@@ -106,7 +106,7 @@ def test_the_file_describes_itself(exported: TinyExport) -> None:
     assert not list(exported.onnx.parent.glob("*.data"))  # weights inside the one file
     ops = {n.op_type for n in model.graph.node}
     assert "ReduceLogSumExp" not in ops and {"ReduceMax", "Exp", "ReduceSum"} <= ops  # the faster, stable form
-    assert b"tuning/export.py" not in exported.onnx.read_bytes()  # no stack traces with local paths
+    assert b"tuning/release/onnx.py" not in exported.onnx.read_bytes()  # no stack traces with local paths
 
 
 def test_onnx_equals_torch_at_any_batch_size(exported: TinyExport, held: HeldOut) -> None:
@@ -156,7 +156,7 @@ def test_a_perturbed_model_fails_the_gate(exported: TinyExport, held: HeldOut, t
 
 
 def test_a_checkpoint_that_does_not_match_its_config_is_refused(tmp_path: Path) -> None:
-    from tuning.spaces import TrialConfigs
+    from tuning.study.spaces import TrialConfigs
 
     module = tiny_module()
     state = module.state_dict()

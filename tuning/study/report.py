@@ -17,7 +17,7 @@ from typing import Any
 
 import optuna
 
-from tuning.trainer import EPOCHS_METRIC, OPTUNA_NUMBER_KEY, Objective, trial_params
+from tuning.study.trial import EPOCHS_METRIC, OPTUNA_NUMBER_KEY, Objective, trial_params
 
 __all__ = ["TABLE_METRICS", "TrialRow", "trial_rows", "format_table", "save_plots", "study_counts", "write_summary"]
 

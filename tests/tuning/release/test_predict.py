@@ -10,8 +10,8 @@ import pytest
 from heimdall.features import spectrogram_numpy
 from heimdall.receivers import STATION_IDS
 from tests.tuning.mlflow_fixtures import TinyExport, tiny_export
-from tuning.export import K_95, ModelMetadata, onnx_session
-from tuning.predict import main as predict_main
+from tuning.release.onnx import K_95, ModelMetadata, onnx_session
+from tuning.release.predict import main as predict_main
 
 HEARD = ("torino", "milano", "genova", "giaveno")
 
@@ -135,7 +135,7 @@ def test_a_missing_model_or_recording_is_a_clear_error(tmp_path: Path, capsys: p
 def test_a_registry_uri_loads_the_registered_file(exported: TinyExport, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """``models:/NAME@ALIAS`` through the embedded SQLite registry gives what the file gives."""
-    from tuning.registry import REGISTERED_MODEL, TAG, Registry
+    from tuning.release.registry import REGISTERED_MODEL, TAG, Registry
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     registry = Registry(uri, artifact_root=tmp_path / "mlruns")

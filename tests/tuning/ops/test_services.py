@@ -18,7 +18,7 @@ import pytest
 
 from heimdall.store import S3Settings
 from heimdall.store.s3 import S3Store
-from tuning.services import (
+from tuning.ops.services import (
     PostgresServer,
     ProcessIdentity,
     SeaweedServer,

@@ -16,8 +16,8 @@ from heimdall.errors import AlreadyExistsError, ConfigError, DataError, ServiceU
 from heimdall.store import LocalStore, S3Settings
 from heimdall.store.s3 import S3Store
 from tests.tuning.mlflow_fixtures import MlflowServer, mlflow_server, save_checkpoint, tiny_export  # noqa: F401
-from tuning.export import GateFailed, ModelMetadata, ParityReport, ParityTolerances, file_sha256, load_checkpoint
-from tuning.publish import (
+from tuning.release.onnx import GateFailed, ModelMetadata, ParityReport, ParityTolerances, file_sha256, load_checkpoint
+from tuning.release.publish import (
     FIRST_VERSION,
     MODELS_BUCKET,
     _put_once,
@@ -27,10 +27,10 @@ from tuning.publish import (
     publish,
     released_versions,
 )
-from tuning.register import RegistrySettings, export_and_register, register_export
+from tuning.release.stage import RegistrySettings, export_and_register, register_export
 from tuning.register import main as register_main
-from tuning.registry import CHAMPION_ALIAS, REGISTERED_MODEL, Registry, StudyRecord, TrialRecord, tracking_uri
-from tuning.services import free_ports
+from tuning.release.registry import CHAMPION_ALIAS, REGISTERED_MODEL, Registry, StudyRecord, TrialRecord, tracking_uri
+from tuning.ops.services import free_ports
 
 # -- versions and settings ------------------------------------------------------------------------------
 
@@ -189,7 +189,7 @@ def _sessions(store, catalog, dataset: str, recording_ids: np.ndarray, root: Pat
 
 
 def _predict(args: list[str], capsys: pytest.CaptureFixture[str]) -> list[dict]:
-    from tuning.predict import main as predict_main
+    from tuning.release.predict import main as predict_main
 
     assert predict_main(args) == 0, capsys.readouterr().err
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -203,10 +203,10 @@ def test_the_whole_chain_against_mlflow_server_and_s3(tmp_path: Path, mlflow_ser
     from mlflow import MlflowClient
 
     from heimdall.data import load_feature_splits
-    from tuning.data import main as data_main
-    from tuning.export import data_lineage
+    from tuning.data.cli import main as data_main
+    from tuning.release.onnx import data_lineage
     from tuning.settings import DataSettings
-    from tuning.spaces import load_space
+    from tuning.study.spaces import load_space
     from tuning.train import main as train_main
 
     monkeypatch.setenv("HEIMDALL_S3_ENDPOINT", s3_settings.url)
@@ -324,7 +324,7 @@ def test_an_incomplete_or_failed_export_is_not_registered(tmp_path: Path) -> Non
 def test_trial_records_read_tune_results(tmp_path: Path) -> None:
     import pandas as pd
 
-    from tuning.register import trial_records
+    from tuning.release.stage import trial_records
 
     df = pd.DataFrame({"epochs": [1, 2], "val/median_km": [np.float64(30.0), np.float64(20.0)],
                        "val/nll_km": [9.0, float("nan")], "trial_id": ["a", "a"], "checkpoint_path": ["x", "y"]})

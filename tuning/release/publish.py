@@ -14,7 +14,7 @@ configured (``HEIMDALL_S3_ENDPOINT`` or ``AWS_ENDPOINT_URL_S3``, keys from
 
 Versions: the first release is 0.1.0, each new content bumps the patch of the
 highest version present. Publishing content that is already released (same
-:func:`tuning.export.content_sha256`) returns that release instead of a new one,
+:func:`tuning.release.onnx.content_sha256`) returns that release instead of a new one,
 so publication is idempotent; an existing object is never overwritten.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 from heimdall.errors import AlreadyExistsError, ConfigError, NotFoundError
 from heimdall.store import BlobStore
 from heimdall.store.s3 import ENDPOINT_VARS
-from tuning.export import content_sha256, file_sha256, with_model_version
+from tuning.release.onnx import content_sha256, file_sha256, with_model_version
 
 __all__ = ["MODELS_BUCKET", "FIRST_VERSION", "Publication", "models_store_url", "model_key", "card_key",
            "parse_version", "next_version", "released_versions", "find_release", "publish"]
@@ -50,7 +50,7 @@ class Publication:
         model_key, card_key: object keys in the models store.
         store: the store's ``describe()`` (no credentials).
         sha256: of the published ``.onnx`` bytes.
-        content_sha256: :func:`tuning.export.content_sha256` of it.
+        content_sha256: :func:`tuning.release.onnx.content_sha256` of it.
         reused: True when this content was already released (nothing uploaded).
         local_path: the published file's copy in the export directory.
     """

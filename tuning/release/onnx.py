@@ -68,7 +68,7 @@ if TYPE_CHECKING:
 
     from heimdall.catalog import Catalog
     from heimdall.data import HeimdallDataset
-    from tuning.spaces import SearchSpace, TrialConfigs
+    from tuning.study.spaces import SearchSpace, TrialConfigs
 
 __all__ = [
     "INPUT_NAMES",
@@ -380,7 +380,7 @@ class ModelMetadata:
         missing = [k for k in _REQUIRED_KEYS if k not in raw]
         if missing:
             raise DataError(f"{source} lacks the Heimdall metadata {', '.join(missing)}; "
-                            "it was not written by tuning.export (export the checkpoint again)")
+                            "it was not written by tuning.release.onnx (export the checkpoint again)")
         try:
             values = {k: json.loads(v) for k, v in raw.items()}
             origin = values["frame_origin"]
@@ -838,7 +838,7 @@ def _version(name: str) -> str:
 
 def git_revision() -> str:
     """``git rev-parse HEAD`` of the source tree (``+dirty`` with local changes), or ``"unknown"``."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         if head.returncode != 0:

@@ -68,7 +68,7 @@ float16 halves the cache and the per-epoch I/O. Features span about -2.5..4.5
 network units (db_scale = 20 dB per unit); float16's rounding error is at most
 0.00049 units (0.01 dB) below 2 units and 0.002 units (0.04 dB) up to 8: two
 orders of magnitude under the ~5.6 dB scatter of a single periodogram bin and
-the 6 dB shadowing, so the model cannot tell. ``tests/tuning/test_pipeline.py``
+the 6 dB shadowing, so the model cannot tell. ``tests/tuning/data/test_pipeline.py``
 measures it against :func:`heimdall.features.spectrogram_numpy`.
 
 Trials (:func:`trial_datasets` → ``TorchTrainer(datasets=...)``; in each worker
@@ -807,7 +807,7 @@ def decode_features(table: pa.Table, feature_config: FeatureConfig | None = None
     raw = (field.metadata or {}).get(b"heimdall.shape")
     if raw is None:
         raise DataError(f"the features column has no 'heimdall.shape' metadata (type {field.type}); it was not "
-                        "written by tuning.pipeline; fix: rebuild the feature cache")
+                        "written by tuning.data.pipeline; fix: rebuild the feature cache")
     shape = tuple(int(d) for d in raw.decode().split(","))
     width = 2 * math.prod(shape)
     if not pa.types.is_fixed_size_binary(field.type) or field.type.byte_width != width:

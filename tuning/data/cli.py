@@ -83,7 +83,7 @@ def _generate(args: argparse.Namespace, settings: DataSettings) -> None:
 
 
 def _describe(args: argparse.Namespace, settings: DataSettings) -> None:
-    from tuning.describe import describe_dataset
+    from tuning.data.describe import describe_dataset
 
     with settings.open_catalog(read_only=True) as catalog:
         print(describe_dataset(catalog, args.name, max_oracle=args.max_oracle))
@@ -147,7 +147,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tuning.data import main
+from tuning.data.cli import main
 
 
 def run(tmp_path: Path, *args: str) -> int:

@@ -61,7 +61,7 @@ __all__ = [
     "space_summary",
 ]
 
-SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
+SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 KINDS = ("choice", "uniform", "loguniform", "int")
 SECTIONS = ("model", "loss", "optimizer")
 _TOP_KEYS = ("arch", "fixed", "parameters")

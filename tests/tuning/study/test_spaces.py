@@ -15,7 +15,7 @@ import yaml
 from heimdall.errors import ConfigError
 from heimdall.losses import LossConfig, validate_model_and_loss
 from heimdall.models import build_model, head_size
-from tuning.spaces import (
+from tuning.study.spaces import (
     SPACES_DIR,
     SearchSpace,
     available_spaces,

@@ -22,8 +22,8 @@ import pytest
 
 from heimdall.errors import ConfigError
 from heimdall.store import S3Settings
-from tuning.data import main
-from tuning.spaces import load_space
+from tuning.data.cli import main
+from tuning.study.spaces import load_space
 
 READS = [["list"], ["describe", "demo"], ["verify", "demo"], ["verify", "demo", "--deep"]]
 

@@ -19,7 +19,7 @@ from heimdall.models import TargetScaling
 from heimdall.oracle import BayesOracle
 from heimdall.scene import GeneratorConfig
 from heimdall.store import BlobStore, LocalStore
-from tuning.pipeline import (
+from tuning.data.pipeline import (
     MANIFEST,
     SPLIT_NAMES,
     FeatureCache,

@@ -1,0 +1,454 @@
+"""The release stage: export the best checkpoint, gate it, publish it and register it in MLflow.
+
+The chain reads top to bottom: load the checkpoint (refused if it does not
+match its config) → calibrate and evaluate → export ONNX → parity gate
+(onnxruntime versus PyTorch on the held-out recordings; a failure refuses
+everything after it) → model card → **everything is now on disk** in the
+export directory → publish ``localization-v{version}.onnx`` + card to the
+models store → MLflow: one run per trial, artefacts on the best run, a version
+of ``heimdall-localization``, and the ``champion`` alias moved only when the
+new version beats the current champion on the same held-out recordings.
+
+When S3 or MLflow is down the export directory keeps everything, and
+``python -m tuning.register --from DIR`` finishes the job (idempotent: the same
+file is never released or registered twice). The command is :mod:`tuning.register`.
+"""
+from __future__ import annotations
+
+import json
+import numbers
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from heimdall.errors import DataError, ServiceUnavailableError
+from tuning.release.onnx import (
+    GateFailed,
+    HeldOut,
+    ModelMetadata,
+    ParityReport,
+    ParityTolerances,
+    build_metadata,
+    build_model_card,
+    content_sha256,
+    export_onnx,
+    file_sha256,
+    load_checkpoint,
+    onnx_session,
+    report_from_outputs,
+    run_onnx,
+    save_heldout_plot,
+    verify_parity,
+)
+from tuning.release.publish import Publication, models_store_url, publish
+from tuning.release.registry import TAG, Registry, StudyRecord, TrialRecord, VersionInfo, tracking_uri
+
+if TYPE_CHECKING:
+    from heimdall.data import HeimdallDataset
+    from heimdall.features import FeatureConfig
+    from tuning.study.spaces import SearchSpace, TrialConfigs
+
+__all__ = ["RegistrySettings", "RegistrationResult", "GatedExport", "prepare_export", "register_export", "export_and_register",
+           "retry_command", "trial_records"]
+
+MODEL_FILE = "model.onnx"
+CARD_FILE = "model_card.json"
+PARITY_FILE = "parity.json"
+HELDOUT_FILE = "heldout.npz"
+REQUEST_FILE = "registration.json"
+STATUS_FILE = "status.json"
+SPACE_FILE = "search_space.json"
+PLOTS_DIR = "plots"
+#: The champion is compared on this held-out metric (lower is better).
+CHAMPION_METRIC = "median_km"
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    """Where releases and the registry live (URLs carry no secrets).
+
+    Attributes:
+        data_dir: the local data directory (SQLite MLflow and local models store default there).
+        mlflow_uri: the tracking URI (:func:`tuning.release.registry.tracking_uri`).
+        models_store: the models store URL (:func:`tuning.release.publish.models_store_url`).
+    """
+
+    data_dir: Path
+    mlflow_uri: str
+    models_store: str
+
+    @classmethod
+    def resolve(cls, data_dir: Path, mlflow_uri: str | None = None, models_store: str | None = None) -> RegistrySettings:
+        """Flags first, then the environment (read now), then the embedded defaults."""
+        return cls(Path(data_dir), tracking_uri(data_dir, mlflow_uri), models_store_url(data_dir, models_store))
+
+    def registry(self) -> Registry:
+        """Connect to MLflow (raises ServiceUnavailableError within seconds when down)."""
+        return Registry(self.mlflow_uri, artifact_root=self.data_dir.resolve() / "mlruns")
+
+    def check(self) -> Registry:
+        """Reach the models store and MLflow now; returns the connected registry.
+
+        Raises:
+            ServiceUnavailableError: either is down.
+        """
+        from heimdall.store import open_store
+
+        open_store(self.models_store).list("localization-v")
+        return self.registry()
+
+
+@dataclass(frozen=True)
+class RegistrationResult:
+    """What a registration did.
+
+    Attributes:
+        export_dir: the export directory.
+        publication: the release in the models store.
+        mlflow_version: the registered version number.
+        champion: whether that version is the champion now.
+        comparison: how the champion decision was made (also a version tag).
+        experiment_id: the study's experiment.
+        run_ids: ``{trial_id: run_id}``; ``release_run_id`` holds the artefacts.
+    """
+
+    export_dir: Path
+    publication: Publication
+    mlflow_version: str
+    champion: bool
+    comparison: Mapping[str, Any]
+    experiment_id: str
+    release_run_id: str
+    run_ids: Mapping[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict."""
+        d = asdict(self)
+        d["export_dir"], d["publication"] = str(self.export_dir), self.publication.to_dict()
+        return d
+
+
+# -- stage 1: export, gate, card (everything lands on disk) ---------------------------------------------
+
+
+def prepare_export(checkpoint: str | Path, splits: Mapping[str, HeimdallDataset], out_dir: str | Path, *,
+                   study: StudyRecord, space: SearchSpace | None = None, lineage: Mapping[str, Any] | None = None,
+                   expected: TrialConfigs | None = None, feature_config: FeatureConfig | None = None,
+                   generator_config: Mapping[str, Any] | None = None,
+                   tolerances: ParityTolerances = ParityTolerances()) -> Path:
+    """Export a checkpoint into ``out_dir`` and gate it; nothing leaves the machine.
+
+    Args:
+        checkpoint: the best trial's checkpoint (Lightning or ``calibrated.ckpt``).
+        splits: ``val`` (calibration) and ``test`` (held out) from :func:`heimdall.data.load_feature_splits`.
+        out_dir: the export directory (created; a previous export there is replaced).
+        study: the study and its trials (logged to MLflow later).
+        space: the search space, recorded in metadata and card.
+        lineage: :func:`tuning.release.onnx.data_lineage` of the dataset.
+        expected: the trial's configs; the checkpoint must match them.
+        feature_config: the features ``splits`` were computed with; the checkpoint's must be the same.
+        generator_config: the synthetic dataset's generator config (centre baseline in the card).
+        tolerances: the parity gate's tolerances.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        DataError: the test split is empty.
+        CheckpointError: the checkpoint is not a plain-data checkpoint of this module (a DataError).
+        ConfigError: the checkpoint does not match its config.
+        ExportError: the exporter failed.
+        GateFailed: onnxruntime disagrees with PyTorch (``parity.json`` holds the report).
+    """
+    from heimdall.evaluation import evaluate_split
+
+    out = Path(out_dir)
+    _require_test_split(splits, str((lineage or {}).get("dataset", "")))
+    module = load_checkpoint(checkpoint, expected, feature_config)
+    evaluation = evaluate_split(module, dict(splits), generator_config=dict(generator_config) if generator_config else None)
+    held = HeldOut.from_split(splits["test"], module, dataset=str((lineage or {}).get("dataset", "")))
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in (REQUEST_FILE, STATUS_FILE, CARD_FILE):
+        (out / stale).unlink(missing_ok=True)
+    metadata = build_metadata(module, space=space)
+    model_path = export_onnx(module, out / MODEL_FILE, metadata)
+    parity = verify_parity(module, model_path, held, tolerances)
+    _write_json(out / PARITY_FILE, parity.to_dict())
+    if not parity.passed:
+        raise GateFailed(parity, str(out / PARITY_FILE))
+    digest = content_sha256(model_path)
+    space_doc = _space_document(space)
+    study_doc = {"name": study.name, "best_trial_id": study.best_trial_id, "objective": study.objective,
+                 "n_trials": len(study.trials)}
+    card = build_model_card(module=module, metadata=metadata, evaluation=evaluation, parity=parity, held=held,
+                            lineage=lineage, space=space_doc, study=study_doc, seeds=study.seeds, content_digest=digest)
+    held.save(out / HELDOUT_FILE)
+    plots = _collect_plots(out, study.plots, model_path, held, module)
+    if space_doc:
+        _write_json(out / SPACE_FILE, space_doc)
+    _write_json(out / CARD_FILE, card)
+    _write_json(out / REQUEST_FILE, {
+        "format": 1, "study": replace(study, plots=tuple(plots)).to_dict(), "lineage": dict(lineage) if lineage else None,
+        "model_sha256": file_sha256(model_path), "content_sha256": digest, "checkpoint": str(checkpoint)})
+    return out
+
+
+def _require_test_split(splits: Mapping[str, HeimdallDataset], dataset: str) -> None:
+    """The gate and the card need held-out recordings: refuse an empty test split before exporting."""
+    from heimdall.datasets import SplitConfig
+
+    if "test" not in splits or len(splits["test"]) == 0:
+        counts = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+        raise DataError(f"dataset {dataset or '(unnamed)'!r} has no recordings in its test split ({counts}): nothing "
+                        f"to gate the export on; fix: use a dataset with more labelled recordings (about "
+                        f"{SplitConfig().test_fraction:.0%} land in test), e.g. "
+                        "python -m tuning.data generate --dataset NAME --recordings 1000")
+
+
+def _collect_plots(out: Path, given: Sequence[str], model_path: Path, held: HeldOut, module: Any) -> list[str]:
+    plots_dir = out / PLOTS_DIR
+    shutil.rmtree(plots_dir, ignore_errors=True)
+    plots_dir.mkdir()
+    s = module.target_scaling
+    outputs = run_onnx(onnx_session(model_path), held.features, held.mask)
+    names = [save_heldout_plot(outputs, held, (s.origin_lat, s.origin_lon), plots_dir / "heldout_errors.png",
+                               title=f"onnxruntime on {held.dataset or 'held-out'} {held.split}").name]
+    for p in map(Path, given):
+        if p.is_file():
+            shutil.copy2(p, plots_dir / p.name)
+            names.append(p.name)
+    return [f"{PLOTS_DIR}/{n}" for n in names]
+
+
+def _space_document(space: SearchSpace | None) -> dict[str, Any] | None:
+    if space is None:
+        return None
+    return json.loads(json.dumps({"name": space.name, "sha256": space.sha256, "arch": space.arch,
+                                  "source": str(space.source) if space.source else None,
+                                  "content": dict(space.content), "overrides": dict(space.overrides)}, default=str))
+
+
+# -- stage 2: publish and register (retryable) ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GatedExport:
+    """A gated export directory, read back."""
+
+    root: Path
+    request: Mapping[str, Any]
+    card: Mapping[str, Any]
+    parity: ParityReport
+    held: HeldOut
+
+    @classmethod
+    def load(cls, root: Path) -> GatedExport:
+        root = Path(root)
+        parity_path, request_path = root / PARITY_FILE, root / REQUEST_FILE
+        if parity_path.is_file() and not request_path.is_file():
+            parity = ParityReport.from_dict(json.loads(parity_path.read_text()))
+            if not parity.passed:
+                raise GateFailed(parity, str(parity_path))
+        for name in (MODEL_FILE, REQUEST_FILE, CARD_FILE, PARITY_FILE, HELDOUT_FILE):
+            if not (root / name).is_file():
+                raise DataError(f"{root} is not a complete export: {name} is missing; fix: export again "
+                                f"(python -m tuning.register --checkpoint CKPT --dataset NAME --out {root})")
+        export = cls(root, json.loads((root / REQUEST_FILE).read_text()), json.loads((root / CARD_FILE).read_text()),
+                     ParityReport.from_dict(json.loads(parity_path.read_text())), HeldOut.load(root / HELDOUT_FILE))
+        export.check_gate()
+        return export
+
+    def check_gate(self) -> None:
+        """Refuse a failed gate, or a file changed since it passed."""
+        if not self.parity.passed:
+            raise GateFailed(self.parity, str(self.root / PARITY_FILE))
+        sha = file_sha256(self.root / MODEL_FILE)
+        if sha != self.request["model_sha256"]:
+            raise DataError(f"{self.root / MODEL_FILE} changed after it passed the parity gate (sha256 {sha[:12]}… "
+                            f"vs {self.request['model_sha256'][:12]}…); registration refused. Fix: export again")
+
+    @property
+    def study(self) -> StudyRecord:
+        return StudyRecord.from_dict(self.request["study"])
+
+
+def register_export(export_dir: str | Path, settings: RegistrySettings, *, force_champion: bool = False) -> RegistrationResult:
+    """Publish a gated export and register it in MLflow; safe to run again (the retry command).
+
+    Args:
+        export_dir: a directory written by :func:`prepare_export`.
+        settings: models store and MLflow.
+        force_champion: move the champion alias even if the new version is not better.
+
+    Returns:
+        What was published and registered.
+
+    Raises:
+        GateFailed: the export failed its parity gate.
+        DataError: the directory is incomplete or its model changed after the gate.
+        ServiceUnavailableError: the models store or MLflow is down (the message names the retry command).
+    """
+    from heimdall.store import open_store
+
+    export = GatedExport.load(Path(export_dir))
+    try:
+        publication = publish(open_store(settings.models_store), export.root / MODEL_FILE, export.card, export.root)
+        _update_status(export.root, published=publication.to_dict())
+        result = _register_in_mlflow(export, publication, settings, force_champion)
+    except ServiceUnavailableError as exc:
+        raise ServiceUnavailableError(
+            f"{exc}\nNothing is lost: the export and its card are in {export.root}. Once the service is up, finish with:"
+            f"\n    {retry_command(export.root, settings)}") from None
+    _update_status(export.root, mlflow=result.to_dict())
+    return result
+
+
+def retry_command(export_dir: Path, settings: RegistrySettings) -> str:
+    """The one command that finishes (or repeats) a registration, with the same services."""
+    from urllib.parse import urlsplit
+
+    uri = settings.mlflow_uri
+    parts = urlsplit(uri)
+    if parts.username or parts.password:  # never print credentials; MLflow reads them from its own env vars
+        uri = parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()
+    return (f"python -m tuning.register --from {Path(export_dir).resolve()} --mlflow-uri {uri} "
+            f"--models-store {settings.models_store}")
+
+
+def _register_in_mlflow(export: GatedExport, publication: Publication, settings: RegistrySettings,
+                        force_champion: bool) -> RegistrationResult:
+    registry = settings.registry()
+    study = export.study
+    experiment_id = registry.experiment(study.name)
+    run_ids = registry.log_trials(experiment_id, study)
+    release_run = registry.release_run(experiment_id, study.name, study.best_trial_id, run_ids)
+    metrics = export.parity.metrics_onnx
+    tags = {f"{TAG}content_sha256": publication.content_sha256, f"{TAG}sha256": publication.sha256,
+            f"{TAG}model_version": publication.version, f"{TAG}models_store": publication.store,
+            f"{TAG}model_key": publication.model_key, f"{TAG}study": study.name,
+            f"{TAG}heldout_sha256": export.parity.heldout_sha256, f"{TAG}heldout_n": str(export.parity.n),
+            f"{TAG}heldout_median_km": repr(metrics["median_km"]), f"{TAG}heldout_nll_km": repr(metrics["nll_km"])}
+    files = [export.root / n for n in (publication.card_key, PARITY_FILE, SPACE_FILE) if (export.root / n).is_file()]
+    plots = [export.root / p for p in study.plots if (export.root / p).is_file()]
+    registry.log_release(release_run, onnx_path=Path(publication.local_path), files=files, plots=plots,
+                         manifest=export.request.get("lineage"), tags=tags)
+    version = registry.register(release_run, tags)
+    comparison = _champion_decision(registry, version, export, force_champion)
+    registry.set_version_tags(version.version, {f"{TAG}champion_comparison": json.dumps(comparison, sort_keys=True)})
+    if comparison["decision"] == "promoted":
+        registry.set_champion(version.version)
+    champion = registry.champion()
+    return RegistrationResult(export.root, publication, version.version,
+                              champion is not None and champion.version == version.version, comparison,
+                              experiment_id, release_run, run_ids)
+
+
+def _champion_decision(registry: Registry, new: VersionInfo, export: GatedExport, force: bool) -> dict[str, Any]:
+    """Compare the new version with the champion on the export's held-out recordings."""
+    held, origin = export.held, _origin(export.card)
+    new_value = export.parity.metrics_onnx[CHAMPION_METRIC]  # onnxruntime on these recordings, in this frame
+    base = {"metric": CHAMPION_METRIC, "heldout_sha256": held.digest(), "n": len(held),
+            "new": {"version": new.version, "value": new_value}}
+    current = registry.champion()
+    if current is None:
+        return {**base, "champion": None, "decision": "promoted", "reason": "no champion yet"}
+    if current.version == new.version:
+        return {**base, "champion": {"version": current.version, "value": new_value}, "decision": "promoted",
+                "reason": "already the champion"}
+    value, how = _champion_value(registry, current, held, origin, export.root)
+    base["champion"] = {"version": current.version, "value": value, "how": how}
+    if force:
+        return {**base, "decision": "promoted", "reason": "forced (--force-champion)"}
+    if value is None:
+        return {**base, "decision": "kept", "reason": f"not comparable: {how}; use --force-champion to promote anyway"}
+    better = new_value < value
+    return {**base, "decision": "promoted" if better else "kept",
+            "reason": f"{CHAMPION_METRIC} {new_value:.4g} {'<' if better else '>='} champion's {value:.4g} "
+                      f"on the same {len(held)} held-out recordings"}
+
+
+def _champion_value(registry: Registry, champion: VersionInfo, held: HeldOut, origin: tuple[float, float],
+                    workdir: Path) -> tuple[float | None, str]:
+    """The champion's metric on ``held``: recomputed from its file, or its tag if it was scored on the same set."""
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        path = registry.download_onnx(champion, Path(tmp))
+        meta = ModelMetadata.from_file(path)
+        if meta.feature_config == held.feature_config and list(meta.receivers) == list(_receivers()):
+            outputs = run_onnx(onnx_session(path), held.features, held.mask)
+            return report_from_outputs(outputs, held, origin).to_dict()[CHAMPION_METRIC], "recomputed with onnxruntime"
+    if champion.tags.get(f"{TAG}heldout_sha256") == held.digest() and champion.tags.get(f"{TAG}heldout_median_km"):
+        return float(champion.tags[f"{TAG}heldout_median_km"]), "its tag (scored on the same recordings)"
+    return None, "the champion uses other features or receivers and was scored on other recordings"
+
+
+def _origin(card: Mapping[str, Any]) -> tuple[float, float]:
+    scaling = card["hyperparameters"]["target_scaling"]
+    return float(scaling["origin_lat"]), float(scaling["origin_lon"])
+
+
+def _receivers() -> tuple[str, ...]:
+    from heimdall.receivers import STATION_IDS
+
+    return STATION_IDS
+
+
+def export_and_register(checkpoint: str | Path, splits: Mapping[str, HeimdallDataset], *, out_dir: str | Path,
+                        study: StudyRecord, settings: RegistrySettings, space: SearchSpace | None = None,
+                        lineage: Mapping[str, Any] | None = None, expected: TrialConfigs | None = None,
+                        feature_config: FeatureConfig | None = None, generator_config: Mapping[str, Any] | None = None,
+                        tolerances: ParityTolerances = ParityTolerances(), force_champion: bool = False,
+                        ) -> RegistrationResult:
+    """The run-end hook: :func:`prepare_export` then :func:`register_export` (see both for arguments).
+
+    Raises:
+        ConfigError, ExportError, GateFailed: from the export stage (nothing published).
+        ServiceUnavailableError: S3 or MLflow down; the export stays in ``out_dir``,
+            and ``python -m tuning.register --from out_dir`` finishes the job.
+    """
+    prepare_export(checkpoint, splits, out_dir, study=study, space=space, lineage=lineage, expected=expected,
+                   feature_config=feature_config, generator_config=generator_config, tolerances=tolerances)
+    return register_export(out_dir, settings, force_champion=force_champion)
+
+
+def trial_records(results: Iterable[Any], statuses: Mapping[str, str] | None = None) -> list[TrialRecord]:
+    """Per-trial records from a Ray Tune ``ResultGrid`` (each ``Result``'s config and metrics dataframe).
+
+    Args:
+        results: the ``Result`` objects.
+        statuses: optional ``{trial_id: status}`` (e.g. from :func:`tuning.study.report.trial_rows`).
+
+    Returns:
+        One record per result; history rows keep ``val/*`` and ``train/*`` metrics and the epoch.
+    """
+    from tuning.study.trial import EPOCHS_METRIC, OPTUNA_NUMBER_KEY, trial_params
+
+    records = []
+    for result in results:
+        config = dict(result.config or {})
+        trial_id = str((result.metrics or {}).get("trial_id") or Path(result.path).name)
+        df = result.metrics_dataframe
+        history = [] if df is None else [
+            {("epoch" if k == EPOCHS_METRIC else k): float(v) for k, v in row.items()
+             if (k == EPOCHS_METRIC or k.startswith(("val/", "train/"))) and isinstance(v, numbers.Real)}
+            for row in df.to_dict("records")]
+        status = (statuses or {}).get(trial_id) or ("error" if result.error else "complete")
+        number = config.get(OPTUNA_NUMBER_KEY)
+        records.append(TrialRecord(trial_id, trial_params(config), tuple(history), status,
+                                   None, int(number) if number is not None else None))
+    return records
+
+
+def _update_status(root: Path, **parts: Any) -> None:
+    path = root / STATUS_FILE
+    status = json.loads(path.read_text()) if path.is_file() else {}
+    status.update(parts)
+    _write_json(path, status)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
