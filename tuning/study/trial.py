@@ -77,7 +77,6 @@ __all__ = [
     "EPOCHS_METRIC",
     "OPTUNA_NUMBER_KEY",
     "calibrated_nll",
-    "objective_for",
     "TrialSpec",
     "TrialMetrics",
     "trial_params",
@@ -130,17 +129,6 @@ OBJECTIVES: dict[str, Objective] = {
         ),
     )
 }
-
-
-def objective_for(name: str) -> Objective:
-    """The objective called ``name``.
-
-    Raises:
-        ConfigError: for an unknown name, listing the valid ones.
-    """
-    if name not in OBJECTIVES:
-        raise ConfigError("objective", [f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}"])
-    return OBJECTIVES[name]
 
 
 def calibrated_nll(nll_km: float, coverage_1sigma: float, coverage_2sigma: float) -> float:
