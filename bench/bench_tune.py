@@ -50,7 +50,7 @@ from heimdall.module import LocalizationModule
 from heimdall.store import open_store
 from tuning.data.pipeline import FeatureCache, ensure_feature_cache, trial_datasets, worker_batches
 from tuning.run import main as run_main
-from tuning.settings import DataSettings
+from tuning.settings import DataSettings, resolve
 from tuning.study.spaces import load_space, to_optuna
 from tuning.study.trial import OBJECTIVES, TrialSpec
 from tuning.study.tune import StudyConfig
@@ -135,7 +135,7 @@ def overhead(args: argparse.Namespace) -> None:
 
 def _ensure_data(args: argparse.Namespace) -> tuple[FeatureCache, dict[str, dict[str, torch.Tensor]]]:
     """The bench dataset's cached features, loaded into memory (Ray only builds the cache)."""
-    settings = DataSettings(args.data_dir, f"sqlite:///{args.data_dir / 'catalog.db'}", str(args.data_dir / "store"))
+    settings = resolve(DataSettings, {"data_dir": args.data_dir}, environ={})  # the defaults inside --data-dir
     catalog, store = settings.open_catalog(), open_store(settings.store_url)
     catalog.initialize()
     name = f"bench-{args.recordings}"
@@ -206,7 +206,7 @@ class SearchRun:
 def _train_one(trial: optuna.Trial, space: Any, cache: FeatureCache, data: dict, args: argparse.Namespace,
                prune: bool) -> tuple[int, float, float]:
     """Train one trial in this process; returns (epochs trained, seconds, last objective value)."""
-    spec = TrialSpec(space=space, objective=OBJECTIVES["nll"], max_epochs=args.epochs, seed=0, train_storage="unused")
+    spec = TrialSpec(StudyConfig(name="bench", max_epochs=args.epochs), space, train_storage="unused")
     to_optuna(space)(trial)
     configs = spec.configs(trial.params)
     pl.seed_everything(trial.number, verbose=False)

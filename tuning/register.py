@@ -27,19 +27,17 @@ from pathlib import Path
 
 from heimdall.errors import HeimdallError
 from tuning.release.registry import StudyRecord
-from tuning.release.stage import GatedExport, RegistrationResult, RegistrySettings, prepare_export, register_export
-from tuning.settings import add_data_args, data_settings
+from tuning.release.stage import (
+    ExportRequest,
+    GatedExport,
+    RegistrationResult,
+    RegistrySettings,
+    prepare_export,
+    register_export,
+)
+from tuning.settings import add_data_args, add_registry_args, data_settings, registry_settings
 
 __all__ = ["add_registry_args", "build_parser", "main"]
-
-
-def add_registry_args(parser: argparse.ArgumentParser) -> None:
-    """Add ``--mlflow-uri`` and ``--models-store``."""
-    g = parser.add_argument_group("registry (flags override environment variables)")
-    g.add_argument("--mlflow-uri", default=None,
-                   help="MLflow tracking URI [MLFLOW_TRACKING_URI, sqlite:///{data-dir}/mlflow.db]")
-    g.add_argument("--models-store", default=None, help="models store: a directory or s3://heimdall-models "
-                   "[HEIMDALL_MODELS_STORE; s3://heimdall-models when an S3 endpoint is set; {data-dir}/models]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _export_checkpoint(args: argparse.Namespace, out: Path) -> None:
+def _export_checkpoint(args: argparse.Namespace, out: Path, settings: RegistrySettings) -> None:
     from heimdall.data import load_feature_splits
     from tuning.release.onnx import data_lineage, load_checkpoint
     from tuning.study.spaces import load_space
@@ -76,12 +74,13 @@ def _export_checkpoint(args: argparse.Namespace, out: Path) -> None:
         info = catalog.get_dataset(args.dataset)
         lineage = data_lineage(catalog, args.dataset)
         splits = load_feature_splits(catalog, data.open_store(), args.dataset, feature_config=module_fc)
-    prepare_export(args.checkpoint, splits, out, study=study, space=space, lineage=lineage, feature_config=module_fc,
-                   generator_config=info.config if info.kind == "synthetic" else None)
+    prepare_export(ExportRequest(args.checkpoint, splits, out, study, settings, space=space, lineage=lineage,
+                                 feature_config=module_fc,
+                                 generator_config=info.config if info.kind == "synthetic" else None))
 
 
 def _dry_run(export_dir: Path, settings: RegistrySettings) -> None:
-    export = _Export.load(export_dir)
+    export = GatedExport.load(export_dir)
     registry = settings.check()
     champion = registry.champion()
     print(f"export:    {export.root} (parity PASSED on {export.parity.n} recordings, "
@@ -106,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.checkpoint and not args.dataset:
         parser.error("--checkpoint needs --dataset (its val/test splits calibrate and gate the export)")
     data = data_settings(args)
-    settings = RegistrySettings.resolve(data.data_dir, args.mlflow_uri, args.models_store)
+    settings = registry_settings(args, data.data_dir)
     out = args.from_dir or args.out or data.data_dir / "exports" / (args.study or f"train-{args.dataset}")
     if args.dry_run and args.checkpoint:
         parser.error("--dry-run checks an export directory: use it with --from")
@@ -115,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _dry_run(out, settings)
             return 0
         if args.checkpoint:
-            _export_checkpoint(args, out)
+            _export_checkpoint(args, out, settings)
             print(f"export:    {out} (parity gate passed)")
         _print_result(register_export(out, settings, force_champion=args.force_champion))
     except HeimdallError as exc:

@@ -25,25 +25,9 @@ Commands to copy::
         --optuna-storage postgresql://postgres@127.0.0.1:5432/heimdall \\
         --storage-path s3://heimdall-runs --ray-address 10.0.0.5:6379
 
-Connections (flag, then environment variable, then default):
-
-=====================  ============================  ============================================
-flag                   environment variable          default
-=====================  ============================  ============================================
-``--data-dir``         ``HEIMDALL_DATA_DIR``         ``./.heimdall``
-``--catalog``          ``HEIMDALL_CATALOG``          ``sqlite:///{data-dir}/catalog.db``
-``--store``            ``HEIMDALL_STORE``            ``{data-dir}/store``
-``--optuna-storage``   ``HEIMDALL_OPTUNA_STORAGE``   ``sqlite:///{data-dir}/optuna.db``
-``--storage-path``     ``HEIMDALL_STORAGE_PATH``     ``{data-dir}/runs`` (Tune state + checkpoints)
-``--output-dir``       ``HEIMDALL_OUTPUT_DIR``       ``{data-dir}/studies`` (summary, plots)
-``--mlflow-uri``       ``MLFLOW_TRACKING_URI``       ``sqlite:///{data-dir}/mlflow.db`` (registry)
-``--models-store``     ``HEIMDALL_MODELS_STORE``     ``s3://heimdall-models`` with an S3 endpoint,
-                                                     else ``{data-dir}/models``
-``--ray-address``      ``RAY_ADDRESS``               a new local Ray
-(S3 endpoint, keys)    ``HEIMDALL_S3_ENDPOINT``,     needed for ``s3://`` store or storage path;
-                       ``AWS_ACCESS_KEY_ID``,        keys are read from the environment only
-                       ``AWS_SECRET_ACCESS_KEY``     and never printed
-=====================  ============================  ============================================
+Connections are resolved flag, then environment variable, then default (the table
+below, written by :func:`tuning.settings.settings_table`; every setting is
+declared once, in :mod:`tuning.settings` or :class:`~tuning.study.tune.StudyConfig`).
 
 Give PostgreSQL passwords through ``PGPASSWORD``, not in URLs: the Optuna
 URL is saved with the experiment state. Exit status: 0 done, 1 a Heimdall
@@ -59,7 +43,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -69,8 +52,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,12 +71,23 @@ from heimdall.scene import GeneratorConfig
 from heimdall.store import BlobStore, open_store
 from tuning.data.describe import baseline_reports
 from tuning.data.pipeline import FeatureCache, ensure_feature_cache, load_cached_split, trial_datasets
-from tuning.release.stage import RegistrySettings, export_and_register, retry_command, trial_records
+from tuning.release.stage import ExportRequest, RegistrySettings, export_and_register, retry_command, trial_records
 from tuning.release.registry import StudyRecord
 from tuning.study.report import TrialRow, format_table, save_plots, study_counts, trial_rows, write_summary
-from tuning.settings import DataSettings, add_data_args, data_settings
+from tuning.settings import (
+    RunSettings,
+    StudyLocations,
+    add_args,
+    add_data_args,
+    add_registry_args,
+    location_flags,
+    parse_duration,
+    run_settings,
+    setting,
+    settings_table,
+)
 from tuning.study.spaces import SearchSpace, budget_overrides, check_space_budget, load_space, space_summary, with_overrides
-from tuning.study.trial import OBJECTIVES, TrialSpec
+from tuning.study.trial import TrialSpec
 from tuning.study.tune import (
     SMOKE_TEST,
     ResourcePlan,
@@ -119,7 +112,7 @@ from tuning.study.tune import (
     trial_number,
 )
 
-__all__ = ["build_parser", "main", "parse_duration", "study_config", "Connections", "connect", "run_study"]
+__all__ = ["RunMode", "build_parser", "main", "parse_duration", "Connections", "connect", "run_study"]
 
 OBJECT_STORE_BYTES = 1024**3  # plenty for feature batches; Ray's default takes 30% of RAM
 EXIT_INTERRUPTED = 130  # the shell's status for a command stopped by SIGINT
@@ -129,173 +122,55 @@ LATEST = "LATEST"  # file in the output root naming the last study started
 # -- command line ------------------------------------------------------------------------------
 
 
-def parse_duration(text: str) -> float | None:
-    """``"90"``/``"90s"`` seconds, ``"30m"`` minutes, ``"2h"`` hours; ``"none"`` for no limit.
+@dataclass(frozen=True)
+class RunMode:
+    """How ``python -m tuning.run`` runs the study (switches, not settings of the study)."""
 
-    Raises:
-        argparse.ArgumentTypeError: anything else (argparse turns it into a usage error).
-    """
-    if text.strip().lower() in ("none", "off"):
-        return None
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text.lower())
-    if not m or float(m.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"expected a duration > 0 like 90s, 30m or 2h, or 'none' for no limit, "
-                                         f"got {text!r}")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
+    dry_run: bool = field(default=False, metadata=setting(
+        "validate the space, settings and connections, print the plan and exit (no Ray, no trial)", action="store_true"))
+    smoke_test: bool = field(default=False, metadata=setting(
+        "tiny study: " + ", ".join(f"{k}={v}" for k, v in SMOKE_TEST.items()), action="store_true"))
+    resume: bool = field(default=False, metadata=setting(
+        "continue the last study (or --name) after a crash", action="store_true"))
+    no_export: bool = field(default=False, metadata=setting(
+        "stop after the study: do not export, gate, publish and register the best trial", action="store_true"))
+    verbose: bool = field(default=False, metadata=setting("show Ray's and the workers' logs", action="store_true"))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``tuning.run`` argument parser (study flags default to None: StudyConfig holds the defaults)."""
-    parser = argparse.ArgumentParser(prog="python -m tuning.run", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = StudyConfig  # every default's one home; the help only quotes it
-    s = parser.add_argument_group("the study (defaults: tuning.study.tune.StudyConfig)")
-    s.add_argument("--space", help=f"search space: a name in search_spaces/ or a path to a .yaml [{d.space}]")
-    s.add_argument("--dataset", help=f"dataset name; generated on first use if absent [{d.dataset}]")
-    s.add_argument("--recordings", type=_positive_int,
-                   help=f"size of a dataset generated on first use [{d.dataset_recordings}, ~0.23 MB each]")
-    s.add_argument("--trials", type=_positive_int, help=f"number of trials [{d.trials}]")
-    s.add_argument("--max-epochs", type=_positive_int, help=f"epochs of a trial ASHA does not stop [{d.max_epochs}]")
-    s.add_argument("--time-budget", type=parse_duration, default=argparse.SUPPRESS,
-                   help=f"stop the study after this long: 90s, 30m, 2h or none [{d.time_budget_s / 60:g}m]")
-    s.add_argument("--seed", type=int, help=f"sampler seed; trial n uses seed + n [{d.seed}]")
-    s.add_argument("--objective", choices=sorted(OBJECTIVES),
-                   help="; ".join(f"{o.name}: {o.description}" for o in OBJECTIVES.values()))
-    s.add_argument("--workers-per-trial", type=_positive_int,
-                   help=f"Train workers (DDP processes) per trial [{d.workers_per_trial}]")
-    s.add_argument("--cpus-per-worker", type=_positive_float, help=f"CPUs per Train worker [{d.cpus_per_worker:g}]")
-    s.add_argument("--grace-period", type=_positive_int,
-                   help=f"epochs every trial runs before ASHA may stop it [{d.grace_period}]")
-    s.add_argument("--max-concurrent", type=_positive_int,
-                   help="at most this many trials at once [as many as the cluster's CPUs fit]; on a cluster, "
-                        "size it so that one node fewer still fits them")
-    s.add_argument("--name", help="study name (Optuna study, Tune experiment, output folder) [space-objective-time]")
-    m = parser.add_argument_group("mode")
-    m.add_argument("--dry-run", action="store_true",
-                   help="validate the space, settings and connections, print the plan and exit (no Ray, no trial)")
-    m.add_argument("--smoke-test", action="store_true",
-                   help="tiny study: " + ", ".join(f"{k}={v}" for k, v in SMOKE_TEST.items()))
-    m.add_argument("--resume", action="store_true", help="continue the last study (or --name) after a crash")
-    m.add_argument("--no-export", action="store_true",
-                   help="stop after the study: do not export, gate, publish and register the best trial")
-    m.add_argument("--verbose", action="store_true", help="show Ray's and the workers' logs")
+    """The ``tuning.run`` argument parser, generated from the settings' fields (:mod:`tuning.settings`)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tuning.run", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"{__doc__}\nConnections (flag, then environment variable, then default):\n\n{settings_table()}\n")
+    add_args(parser.add_argument_group("the study (defaults: tuning.study.tune.StudyConfig)"), StudyConfig)
+    add_args(parser.add_argument_group("mode"), RunMode)
     add_data_args(parser)
-    c = parser.add_argument_group("services (flags override environment variables)")
-    c.add_argument("--optuna-storage", help="Optuna study database: postgresql://... or sqlite:///... "
-                                            "[HEIMDALL_OPTUNA_STORAGE, sqlite in the data dir]")
-    c.add_argument("--storage-path", help="Tune state and checkpoints: a directory or s3://bucket/prefix "
-                                          "[HEIMDALL_STORAGE_PATH, {data-dir}/runs]")
-    c.add_argument("--output-dir", type=Path, help="summary and plots go to OUTPUT_DIR/NAME "
-                                                   "[HEIMDALL_OUTPUT_DIR, {data-dir}/studies]")
-    c.add_argument("--mlflow-uri", help="MLflow tracking URI of the registry "
-                                        "[MLFLOW_TRACKING_URI, sqlite:///{data-dir}/mlflow.db]")
-    c.add_argument("--models-store", help="where releases are published: a directory or s3://heimdall-models "
-                                          "[HEIMDALL_MODELS_STORE; s3://heimdall-models when an S3 endpoint is set; "
-                                          "{data-dir}/models]")
-    c.add_argument("--ray-address", help="join this Ray cluster instead of starting one [RAY_ADDRESS]")
+    add_args(parser.add_argument_group("services (flags override environment variables)"), StudyLocations)
+    add_registry_args(parser)
     return parser
-
-
-_STUDY_FLAGS = {  # flag attribute -> StudyConfig field
-    "space": "space", "dataset": "dataset", "recordings": "dataset_recordings", "trials": "trials",
-    "max_epochs": "max_epochs", "seed": "seed", "objective": "objective",
-    "workers_per_trial": "workers_per_trial", "cpus_per_worker": "cpus_per_worker",
-    "max_concurrent": "max_concurrent", "grace_period": "grace_period",
-}
-
-
-def _given(args: argparse.Namespace) -> dict[str, Any]:
-    """StudyConfig fields set explicitly on the command line."""
-    given = {field: getattr(args, flag) for flag, field in _STUDY_FLAGS.items() if getattr(args, flag, None) is not None}
-    if hasattr(args, "time_budget"):  # suppressed unless given, since None means "no limit"
-        given["time_budget_s"] = args.time_budget
-    return given
 
 
 # -- settings -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Locations:
-    """Where the study's services and files are (URLs carry no secrets)."""
-
-    data: DataSettings
-    optuna_url: str
-    storage_url: str
-    output_root: Path
-    mlflow_uri: str | None
-    ray_address: str | None
-    models_store: str | None = None
-
-
-def locations(args: argparse.Namespace) -> Locations:
-    """Resolve flags, then environment, then defaults (environment read here, at call time)."""
-    data = data_settings(args)
-    return Locations(
-        data=data,
-        optuna_url=args.optuna_storage or os.environ.get("HEIMDALL_OPTUNA_STORAGE") or f"sqlite:///{data.data_dir / 'optuna.db'}",
-        storage_url=args.storage_path or os.environ.get("HEIMDALL_STORAGE_PATH") or str(data.data_dir / "runs"),
-        output_root=(args.output_dir or Path(os.environ.get("HEIMDALL_OUTPUT_DIR") or data.data_dir / "studies")).resolve(),
-        mlflow_uri=args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"),
-        ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"),
-        models_store=args.models_store,
-    )
-
-
-def study_config(args: argparse.Namespace, where: Locations) -> StudyConfig:
-    """The study from the flags, or for ``--resume`` the saved one (flags cannot change it).
+def _saved_study(places: StudyLocations, name: str | None) -> StudyConfig:
+    """The study to resume: ``study.json`` of study ``name`` (None: the last one started), from the
+    output directory, else from the run storage (a cluster job's output directory does not outlive the job).
 
     Raises:
-        NotFoundError: ``--resume`` without a study to resume.
-        ConfigError: invalid settings (every problem listed).
+        NotFoundError: no such study.
+        ConfigError: the saved study is not valid.
     """
-    given = _given(args)
-    if args.resume:
-        name = args.name or _latest(where.output_root)
-        config = StudyConfig.from_dict(json.loads(_saved_study(where, name)))
-        ignored = sorted(k for k, v in given.items() if getattr(config, k) != v)
-        if ignored:
-            print(f"note: --resume keeps the study's own settings; ignoring {', '.join(ignored)}")
-        return config
-    fields = {**(SMOKE_TEST if args.smoke_test else {}), **given}
-    space = Path(str(fields.get("space", StudyConfig.space))).stem
-    smoke = "smoke-" if args.smoke_test else ""
-    name = args.name or f"{space}-{fields.get('objective', StudyConfig.objective)}-{smoke}{datetime.now():%Y%m%d-%H%M%S}"
-    return StudyConfig(name=name, **fields)
-
-
-def _saved_study(where: Locations, name: str) -> str:
-    """``study.json`` of study ``name``: from the output directory, else from the run storage
-    (a cluster job's output directory does not outlive the job)."""
-    path = where.output_root / name / "study.json"
+    name = name or _latest(places.output_root)
+    path = places.output_root / name / "study.json"
     if path.is_file():
-        return path.read_text(encoding="utf-8")
-    saved = open_run_storage(where.storage_url).read_file(name, "study.json")
+        return StudyConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    saved = open_run_storage(places.storage_url).read_file(name, "study.json")
     if saved is None:
         raise NotFoundError(f"no saved study {name!r} to resume ({path} is missing, and so is study.json in the run "
-                            f"storage {where.storage_url}); fix: check --name, --storage-path and --output-dir / "
+                            f"storage {places.storage_url}); fix: check --name, --storage-path and --output-dir / "
                             f"--data-dir, or start the study without --resume")
-    return saved.decode("utf-8")
+    return StudyConfig.from_dict(json.loads(saved.decode("utf-8")))
 
 
 def _latest(output_root: Path) -> str:
@@ -324,7 +199,7 @@ class Connections:
         self.catalog.close()
 
 
-def connect(config: StudyConfig, where: Locations, *, resume: bool, export: bool = True) -> Connections:
+def connect(config: StudyConfig, where: RunSettings, *, resume: bool, export: bool = True) -> Connections:
     """Open and check the catalogue, the store, the Optuna storage, the run storage and (``export``)
     the models store and MLflow, so a service that is down stops the study before it starts.
 
@@ -338,9 +213,9 @@ def connect(config: StudyConfig, where: Locations, *, resume: bool, export: bool
     store = where.data.open_store()
     store.list(f"datasets/{config.dataset}/")  # reaches an S3 server now rather than mid-study
     dataset = _dataset_info(catalog, config.dataset)
-    optuna_storage = open_optuna_storage(where.optuna_url)
-    runs = open_run_storage(where.storage_url)
-    registry = check_registry(where) if export else None
+    optuna_storage = open_optuna_storage(where.places.optuna_url)
+    runs = open_run_storage(where.places.storage_url)
+    registry = check_registry(where.registry) if export else None
     if resume:
         check_resumable(runs, config.name)
     else:  # last: it claims the name
@@ -349,13 +224,12 @@ def connect(config: StudyConfig, where: Locations, *, resume: bool, export: bool
                        registry=registry)
 
 
-def check_registry(where: Locations) -> RegistrySettings:
+def check_registry(settings: RegistrySettings) -> RegistrySettings:
     """Resolve and reach the models store and MLflow (a server must answer ``/health``).
 
     Raises:
         ServiceUnavailableError: either is down, naming ``--no-export`` as the way to tune without them.
     """
-    settings = RegistrySettings.resolve(where.data.data_dir, where.mlflow_uri, where.models_store)
     try:
         settings.check()
     except ServiceUnavailableError as exc:
@@ -378,7 +252,7 @@ def _dataset_info(catalog: Catalog, name: str) -> DatasetInfo | None:
 # -- the plan ------------------------------------------------------------------------------------
 
 
-def describe_plan(config: StudyConfig, space: SearchSpace, where: Locations, info: DatasetInfo | None,
+def describe_plan(config: StudyConfig, space: SearchSpace, where: RunSettings, info: DatasetInfo | None,
                   plan: ResourcePlan, *, resume: bool, registry: RegistrySettings | None = None) -> str:
     """The study as it will run, one setting per line (``info`` None: the dataset will be generated;
     ``registry`` None: no export stage)."""
@@ -400,10 +274,10 @@ def describe_plan(config: StudyConfig, space: SearchSpace, where: Locations, inf
         ("workers", f"{config.workers_per_trial} per trial x {config.cpus_per_worker:g} CPU; {plan.describe()}"),
         ("catalogue", describe_url(where.data.catalog_url)),
         ("store", describe_url(where.data.store_url)),
-        ("optuna", describe_url(where.optuna_url)),
-        ("runs", f"{describe_url(where.storage_url)}/{config.name}"),
-        ("output", str(where.output_root / config.name)),
-        ("ray", where.ray_address or "a new local Ray (dashboard on)"),
+        ("optuna", describe_url(where.places.optuna_url)),
+        ("runs", f"{describe_url(where.places.storage_url)}/{config.name}"),
+        ("output", str(where.places.output_root / config.name)),
+        ("ray", where.places.ray_address or "a new local Ray (dashboard on)"),
         ("registry", f"{describe_url(registry.mlflow_uri)} (MLflow); releases to {registry.models_store}"
                      if registry else "off (--no-export)"),
     ]
@@ -422,7 +296,7 @@ def start_ray(address: str | None, verbose: bool) -> bool:
     it gives up when several Ray instances run on one machine. A trial that
     ASHA stops kills its controller, so its workers' CPUs would then never be
     released and later trials would time out starting theirs
-    (ENVIRONMENT.md, "Hang to avoid").
+    (docs/architecture.md, "Ray facts we rely on").
 
     Returns:
         True when this call started or joined Ray (and the caller should shut it down).
@@ -497,27 +371,28 @@ def baselines(conn: Connections, info: DatasetInfo, split: SplitConfig) -> dict[
             for name, r in reports.items()}
 
 
-def run_study(config: StudyConfig, space: SearchSpace, where: Locations, conn: Connections, *,
+def run_study(config: StudyConfig, space: SearchSpace, where: RunSettings, conn: Connections, *,
               resume: bool, verbose: bool, callbacks: Sequence[tune.Callback] = (),
               stop: GracefulStop | None = None, resume_hint: str = "python -m tuning.run --resume") -> int:
-    """Start Ray, ensure dataset and feature cache, fit, summarise, export. Returns the exit status.
+    """Start Ray, print the plan, ensure dataset and feature cache, fit, summarise, export. Returns the exit status.
 
     ``callbacks`` are added to a new study's Tuner (a resumed one keeps its own). A signal
     caught by ``stop`` during ``fit()`` ends the study without export (exit 130, ``resume_hint``).
     """
     stop = stop or GracefulStop()
-    out_dir = where.output_root / config.name
-    started_ray = start_ray(where.ray_address, verbose)
+    out_dir = where.places.output_root / config.name
+    started_ray = start_ray(where.places.ray_address, verbose)
     try:
+        # The one plan, from the cluster that runs the study (Ray is up now).
+        plan = plan_resources(ray.cluster_resources().get("CPU", 1.0), config.workers_per_trial,
+                              config.cpus_per_worker, config.trials, config.max_concurrent)
+        print("Heimdall Tune: plan\n" + describe_plan(config, space, where, conn.dataset, plan, resume=resume,
+                                                     registry=conn.registry))
         info = ensure_dataset(conn, config)
         split = SplitConfig()
         cache = ensure_feature_cache(conn.catalog, conn.store, config.dataset, split=split)
-        plan = plan_resources(ray.cluster_resources().get("CPU", 1.0), config.workers_per_trial,
-                              config.cpus_per_worker, config.trials, config.max_concurrent)
-        spec = TrialSpec(space=space, objective=config.objective_spec, max_epochs=config.max_epochs, seed=config.seed,
-                         train_storage=conn.runs.train_path(config.name), storage_filesystem=conn.runs.filesystem,
-                         workers_per_trial=config.workers_per_trial, cpus_per_worker=config.cpus_per_worker,
-                         max_failures=config.max_failures)
+        spec = TrialSpec(config, space, train_storage=conn.runs.train_path(config.name),
+                         storage_filesystem=conn.runs.filesystem)
         trainable = make_trainable(spec, trial_datasets(cache, conn.store, seed=config.seed), cache, plan)
         print(f"study:     {plan.describe()}; experiment at {conn.runs.experiment_path(config.name)}")
         if resume:
@@ -617,15 +492,15 @@ def interrupted(config: StudyConfig, conn: Connections, results: Any, sig: int, 
     return EXIT_INTERRUPTED
 
 
-def _save_study(out_dir: Path, where: Locations, runs: RunStorage, config: StudyConfig) -> None:
+def _save_study(out_dir: Path, where: RunSettings, runs: RunStorage, config: StudyConfig) -> None:
     text = json.dumps(config.to_dict(), indent=2) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "study.json").write_text(text, encoding="utf-8")
     runs.write_file(config.name, "study.json", text.encode("utf-8"))
-    (where.output_root / LATEST).write_text(config.name + "\n", encoding="utf-8")
+    (where.places.output_root / LATEST).write_text(config.name + "\n", encoding="utf-8")
 
 
-def _summarise(config: StudyConfig, where: Locations, conn: Connections, results: Any, out_dir: Path,
+def _summarise(config: StudyConfig, where: RunSettings, conn: Connections, results: Any, out_dir: Path,
                base: dict[str, dict[str, float]], seconds: float) -> tuple[int, list[TrialRow], dict[str, str]]:
     """Print the table, save plots and ``summary.json``. Returns (exit status, rows best first, plots)."""
     objective = config.objective_spec
@@ -639,8 +514,8 @@ def _summarise(config: StudyConfig, where: Locations, conn: Connections, results
     summary = {
         "study": config.to_dict(), "objective": objective.metric, "mode": objective.mode,
         "wall_seconds": round(seconds, 1), "experiment": conn.runs.experiment_path(config.name),
-        "storage_path": conn.runs.describe(), "optuna_storage": describe_url(where.optuna_url),
-        "mlflow_uri": where.mlflow_uri and describe_url(where.mlflow_uri), "tune_trials": len(rows),
+        "storage_path": conn.runs.describe(), "optuna_storage": describe_url(where.places.optuna_url),
+        "mlflow_uri": conn.registry and describe_url(conn.registry.mlflow_uri), "tune_trials": len(rows),
         "tune_status": {s: sum(r.status == s for r in rows) for s in ("complete", "stopped", "error")},
         "optuna_trials": study_counts(study), "optuna_orphans_failed": orphans,
         "best": rows[0] if rows and rows[0].value is not None else None, "trials": rows,
@@ -735,11 +610,11 @@ def export_best(config: StudyConfig, space: SearchSpace, conn: Connections, resu
                + (best.number or 0), "dataset": info.seed, "split": "splitmix64 of recording_id"},
     )
     try:
-        result = export_and_register(
-            checkpoint, splits, out_dir=export_dir, study=study, settings=conn.registry, space=space,
+        result = export_and_register(ExportRequest(
+            checkpoint, splits, export_dir, study, conn.registry, space=space,
             lineage=data_lineage(conn.catalog, config.dataset), expected=build_configs(space, best.params),
             feature_config=cache.feature_config,
-            generator_config=info.config if info.kind == "synthetic" else None)
+            generator_config=info.config if info.kind == "synthetic" else None))
     except ServiceUnavailableError as exc:  # the export is on disk: registration can be finished later
         _record_export(out_dir, conn.runs, config.name, {
             "status": "pending", "export_dir": str(export_dir), "error": str(exc),
@@ -805,45 +680,36 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[tune.Callback] =
         return EXIT_INTERRUPTED
 
 
-#: Flags that say where a study's services and files are: a resume command repeats them.
-_CONNECTION_FLAGS = ("data_dir", "catalog", "store", "optuna_storage", "storage_path", "output_dir", "mlflow_uri",
-                     "models_store", "ray_address")
-
-
 def resume_command(args: argparse.Namespace, name: str | None) -> str:
     """``python -m tuning.run --resume --name NAME`` with the connection flags this run was given
     (URLs without passwords: those come from the environment)."""
     parts = ["python", "-m", "tuning.run", "--resume"]
     if name:
         parts += ["--name", name]
-    for flag in _CONNECTION_FLAGS:
-        value = getattr(args, flag, None)
-        if value is not None:
-            parts += [f"--{flag.replace('_', '-')}", describe_url(str(value))]
+    for flag, value in location_flags(args):
+        parts += [flag, describe_url(str(value))]
     if args.no_export:
         parts.append("--no-export")
     return shlex.join(parts)
 
 
 def _run(args: argparse.Namespace, callbacks: Sequence[tune.Callback], stop: GracefulStop) -> int:
-    where = locations(args)
-    config = study_config(args, where)
+    where, ignored = run_settings(args, saved_study=_saved_study)
+    if ignored:
+        print(f"note: --resume keeps the study's own settings; ignoring {', '.join(ignored)}")
+    config = where.study
     space = study_space(config)
     if args.dry_run:
         return dry_run(config, space, where, resume=args.resume, export=not args.no_export)
     conn = connect(config, where, resume=args.resume, export=not args.no_export)
     try:
-        plan = plan_resources(float(os.cpu_count() or 1), config.workers_per_trial, config.cpus_per_worker,
-                              config.trials, config.max_concurrent)
-        print("Heimdall Tune: plan\n" + describe_plan(config, space, where, conn.dataset, plan, resume=args.resume,
-                                                                registry=conn.registry))
         return run_study(config, space, where, conn, resume=args.resume, verbose=args.verbose, callbacks=callbacks,
                          stop=stop, resume_hint=resume_command(args, config.name))
     finally:
         conn.close()
 
 
-def dry_run(config: StudyConfig, space: SearchSpace, where: Locations, *, resume: bool, export: bool) -> int:
+def dry_run(config: StudyConfig, space: SearchSpace, where: RunSettings, *, resume: bool, export: bool) -> int:
     """Check everything a study needs, read-only, print the plan and what was (not) checked. Returns 0.
 
     Raises:
@@ -869,18 +735,19 @@ def dry_run(config: StudyConfig, space: SearchSpace, where: Locations, *, resume
         return "ok", catalog.describe()
 
     check.probe("catalogue", catalogue)
-    check.probe("optuna", lambda: pf.optuna_storage(where.optuna_url, config.name, resume=resume))
-    check.probe("run storage", lambda: pf.run_storage(where.storage_url, config.name, resume=resume))
+    check.probe("optuna", lambda: pf.optuna_storage(where.places.optuna_url, config.name, resume=resume))
+    check.probe("run storage", lambda: pf.run_storage(where.places.storage_url, config.name, resume=resume))
     if export:
-        registry = RegistrySettings.resolve(where.data.data_dir, where.mlflow_uri, where.models_store)
+        registry = where.registry
         check.probe("models store", lambda: pf.store_root(open_store(registry.models_store)))
         check.probe("mlflow", lambda: pf.mlflow_tracking(registry.mlflow_uri))
-    check.findings.append(pf.Finding("ray", "unchecked", "Ray is not started by a dry run; the plan assumes "
-                                     + (f"the cluster at {where.ray_address}" if where.ray_address
-                                        else f"this machine's {os.cpu_count()} CPUs")))
+    cpus = os.cpu_count() or 1
+    check.findings.append(pf.Finding("ray", "unchecked", f"Ray is not started by a dry run, so the plan assumes this "
+                                     f"machine's {cpus} CPUs" + (f", not the cluster at {where.places.ray_address}"
+                                                                 if where.places.ray_address else "")))
     check.raise_problems()
-    plan = plan_resources(float(os.cpu_count() or 1), config.workers_per_trial, config.cpus_per_worker,
-                          config.trials, config.max_concurrent)
+    plan = plan_resources(float(cpus), config.workers_per_trial, config.cpus_per_worker, config.trials,
+                          config.max_concurrent)
     print("Heimdall Tune: plan\n" + describe_plan(config, space, where, dataset[0], plan, resume=resume,
                                                             registry=registry if export else None))
     print("\n" + "\n".join(f"  {f.what:14s} {f.state:9s} {f.detail}" for f in check.findings))

@@ -70,9 +70,10 @@ def _load(name: str) -> Any:
 
 
 def _documented_vars() -> set[str]:
-    """Variables tuning documents: ``run``'s and ``settings``' tables, ``S3Settings.from_env``."""
-    docs = tuning.run.__doc__ + tuning.settings.__doc__ + s3_module.S3Settings.from_env.__doc__
-    return set(re.findall(r"``([A-Z][A-Z0-9_]{2,})``", docs))
+    """Variables tuning documents: the settings table, ``run``'s and ``settings``' docstrings, ``S3Settings.from_env``."""
+    docs = (tuning.settings.settings_table() + tuning.run.__doc__ + tuning.settings.__doc__
+            + s3_module.S3Settings.from_env.__doc__)
+    return set(re.findall(r"``?([A-Z][A-Z0-9_]{2,})``?", docs))
 
 
 def _env_example() -> dict[str, str]:

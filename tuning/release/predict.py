@@ -44,7 +44,7 @@ import numpy as np
 
 from heimdall.errors import DataError, HeimdallError
 from tuning.release.onnx import CONFIDENCE_1SIGMA, K_95, ModelMetadata, onnx_session
-from tuning.settings import data_settings
+from tuning.settings import resolve_data_dir
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -85,7 +85,7 @@ def load_model(ref: str, *, mlflow_uri: str | None = None, data_dir: Path | None
 
     Args:
         ref: a path, or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``.
-        mlflow_uri: the tracking URI for ``models:/`` (see :func:`tuning.release.registry.tracking_uri`).
+        mlflow_uri: the tracking URI for ``models:/`` (see :class:`tuning.settings.RegistrySettings`).
         data_dir: the local data directory (the default SQLite registry lives there).
         download_dir: where a registry version is downloaded (a temporary folder when omitted).
         threads: onnxruntime intra-op threads.
@@ -101,9 +101,9 @@ def load_model(ref: str, *, mlflow_uri: str | None = None, data_dir: Path | None
     from heimdall.errors import NotFoundError
 
     if ref.startswith("models:/"):
-        from tuning.release.registry import Registry, tracking_uri
+        from tuning.settings import RegistrySettings
 
-        registry = Registry(tracking_uri(data_dir or Path(".heimdall"), mlflow_uri))
+        registry = RegistrySettings.resolve(data_dir or resolve_data_dir(), mlflow_uri).registry()
         info = registry.resolve(ref)
         path = registry.download_onnx(info, download_dir or Path(tempfile.mkdtemp(prefix="heimdall-model-")))
         source = f"{ref} (version {info.version})"
@@ -274,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"recording {p} does not exist")
     if args.sample_rate_hz is not None and not (math.isfinite(args.sample_rate_hz) and args.sample_rate_hz > 0):
         parser.error(f"--sample-rate-hz must be a positive number, got {args.sample_rate_hz}")
-    data_dir = data_settings(argparse.Namespace(data_dir=args.data_dir, catalog=None, store=None)).data_dir
+    data_dir = resolve_data_dir(args.data_dir)
     try:
         with tempfile.TemporaryDirectory(prefix="heimdall-model-") as tmp:
             model = load_model(args.model, mlflow_uri=args.mlflow_uri, data_dir=data_dir, download_dir=Path(tmp),

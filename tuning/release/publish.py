@@ -8,7 +8,8 @@ A release is two objects at the top of the models store::
 The models store is the S3 bucket ``heimdall-models`` when an S3 endpoint is
 configured (``HEIMDALL_S3_ENDPOINT`` or ``AWS_ENDPOINT_URL_S3``, keys from
 ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``), else ``{data-dir}/models``;
-``--models-store`` / ``HEIMDALL_MODELS_STORE`` override both. Check a release with::
+``--models-store`` / ``HEIMDALL_MODELS_STORE`` override both (resolved by
+:class:`tuning.settings.RegistrySettings`). Check a release with::
 
     aws s3 ls s3://heimdall-models/localization-v0.1.0.onnx --endpoint-url $HEIMDALL_S3_ENDPOINT
 
@@ -20,7 +21,6 @@ so publication is idempotent; an existing object is never overwritten.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -29,13 +29,12 @@ from typing import Any
 
 from heimdall.errors import AlreadyExistsError, ConfigError, NotFoundError
 from heimdall.store import BlobStore
-from heimdall.store.s3 import ENDPOINT_VARS
 from tuning.release.onnx import content_sha256, file_sha256, with_model_version
+from tuning.settings import MODELS_BUCKET
 
-__all__ = ["MODELS_BUCKET", "FIRST_VERSION", "Publication", "models_store_url", "model_key", "card_key",
+__all__ = ["MODELS_BUCKET", "FIRST_VERSION", "Publication", "model_key", "card_key",
            "parse_version", "next_version", "released_versions", "find_release", "publish"]
 
-MODELS_BUCKET = "heimdall-models"
 FIRST_VERSION = "0.1.0"
 _KEY_RE = re.compile(r"^localization-v(\d+)\.(\d+)\.(\d+)\.(onnx|json)$")
 _VERSION_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
@@ -72,25 +71,6 @@ class Publication:
     def from_dict(cls, data: Mapping[str, Any]) -> Publication:
         """Inverse of :meth:`to_dict`."""
         return cls(**data)
-
-
-def models_store_url(data_dir: Path, explicit: str | None = None, environ: Mapping[str, str] | None = None) -> str:
-    """The models store: ``explicit``, else ``HEIMDALL_MODELS_STORE``, else the bucket when S3 is configured.
-
-    Args:
-        data_dir: the local data directory (``{data_dir}/models`` without S3).
-        explicit: a ``--models-store`` flag value.
-        environ: variables to read (``os.environ`` when omitted), read at call time.
-
-    Returns:
-        A URL for :func:`heimdall.store.open_store`.
-    """
-    env = os.environ if environ is None else environ
-    if explicit or env.get("HEIMDALL_MODELS_STORE"):
-        return explicit or env["HEIMDALL_MODELS_STORE"]
-    if any(env.get(v) for v in ENDPOINT_VARS):
-        return f"s3://{MODELS_BUCKET}"
-    return str(Path(data_dir) / "models")
 
 
 def model_key(version: str) -> str:

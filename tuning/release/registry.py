@@ -49,7 +49,6 @@ __all__ = [
     "StudyRecord",
     "VersionInfo",
     "TAG",
-    "tracking_uri",
     "Registry",
 ]
 
@@ -143,12 +142,6 @@ class VersionInfo:
     tags: Mapping[str, str]
     source: str
     run_id: str | None
-
-
-def tracking_uri(data_dir: Path, explicit: str | None = None, environ: Mapping[str, str] | None = None) -> str:
-    """``explicit`` (``--mlflow-uri``), else ``MLFLOW_TRACKING_URI``, else ``sqlite:///{data_dir}/mlflow.db``."""
-    env = os.environ if environ is None else environ
-    return explicit or env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(data_dir).resolve() / 'mlflow.db'}"
 
 
 class Registry:

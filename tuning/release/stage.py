@@ -43,16 +43,17 @@ from tuning.release.onnx import (
     save_heldout_plot,
     verify_parity,
 )
-from tuning.release.publish import Publication, models_store_url, publish
-from tuning.release.registry import TAG, Registry, StudyRecord, TrialRecord, VersionInfo, tracking_uri
+from tuning.release.publish import Publication, publish
+from tuning.release.registry import TAG, Registry, StudyRecord, TrialRecord, VersionInfo
+from tuning.settings import RegistrySettings  # resolved there, with every other setting
 
 if TYPE_CHECKING:
     from heimdall.data import HeimdallDataset
     from heimdall.features import FeatureConfig
     from tuning.study.spaces import SearchSpace, TrialConfigs
 
-__all__ = ["RegistrySettings", "RegistrationResult", "GatedExport", "prepare_export", "register_export", "export_and_register",
-           "retry_command", "trial_records"]
+__all__ = ["ExportRequest", "RegistrySettings", "RegistrationResult", "GatedExport", "export_and_register",
+           "prepare_export", "register_export", "retry_command", "trial_records"]
 
 MODEL_FILE = "model.onnx"
 CARD_FILE = "model_card.json"
@@ -64,41 +65,6 @@ SPACE_FILE = "search_space.json"
 PLOTS_DIR = "plots"
 #: The champion is compared on this held-out metric (lower is better).
 CHAMPION_METRIC = "median_km"
-
-
-@dataclass(frozen=True)
-class RegistrySettings:
-    """Where releases and the registry live (URLs carry no secrets).
-
-    Attributes:
-        data_dir: the local data directory (SQLite MLflow and local models store default there).
-        mlflow_uri: the tracking URI (:func:`tuning.release.registry.tracking_uri`).
-        models_store: the models store URL (:func:`tuning.release.publish.models_store_url`).
-    """
-
-    data_dir: Path
-    mlflow_uri: str
-    models_store: str
-
-    @classmethod
-    def resolve(cls, data_dir: Path, mlflow_uri: str | None = None, models_store: str | None = None) -> RegistrySettings:
-        """Flags first, then the environment (read now), then the embedded defaults."""
-        return cls(Path(data_dir), tracking_uri(data_dir, mlflow_uri), models_store_url(data_dir, models_store))
-
-    def registry(self) -> Registry:
-        """Connect to MLflow (raises ServiceUnavailableError within seconds when down)."""
-        return Registry(self.mlflow_uri, artifact_root=self.data_dir.resolve() / "mlruns")
-
-    def check(self) -> Registry:
-        """Reach the models store and MLflow now; returns the connected registry.
-
-        Raises:
-            ServiceUnavailableError: either is down.
-        """
-        from heimdall.store import open_store
-
-        open_store(self.models_store).list("localization-v")
-        return self.registry()
 
 
 @dataclass(frozen=True)
@@ -131,30 +97,66 @@ class RegistrationResult:
         return d
 
 
-# -- stage 1: export, gate, card (everything lands on disk) ---------------------------------------------
+@dataclass(frozen=True)
+class ExportRequest:
+    """One release: the checkpoint, the recordings that calibrate and gate it, and where it goes.
 
-
-def prepare_export(checkpoint: str | Path, splits: Mapping[str, HeimdallDataset], out_dir: str | Path, *,
-                   study: StudyRecord, space: SearchSpace | None = None, lineage: Mapping[str, Any] | None = None,
-                   expected: TrialConfigs | None = None, feature_config: FeatureConfig | None = None,
-                   generator_config: Mapping[str, Any] | None = None,
-                   tolerances: ParityTolerances = ParityTolerances()) -> Path:
-    """Export a checkpoint into ``out_dir`` and gate it; nothing leaves the machine.
-
-    Args:
+    Attributes:
         checkpoint: the best trial's checkpoint (Lightning or ``calibrated.ckpt``).
         splits: ``val`` (calibration) and ``test`` (held out) from :func:`heimdall.data.load_feature_splits`.
         out_dir: the export directory (created; a previous export there is replaced).
-        study: the study and its trials (logged to MLflow later).
+        study: the study and its trials (logged to MLflow).
+        settings: the models store and MLflow.
         space: the search space, recorded in metadata and card.
         lineage: :func:`tuning.release.onnx.data_lineage` of the dataset.
         expected: the trial's configs; the checkpoint must match them.
         feature_config: the features ``splits`` were computed with; the checkpoint's must be the same.
         generator_config: the synthetic dataset's generator config (centre baseline in the card).
         tolerances: the parity gate's tolerances.
+        force_champion: move the champion alias even if the new version is not better.
+    """
+
+    checkpoint: Path
+    splits: Mapping[str, HeimdallDataset]
+    out_dir: Path
+    study: StudyRecord
+    settings: RegistrySettings
+    space: SearchSpace | None = None
+    lineage: Mapping[str, Any] | None = None
+    expected: TrialConfigs | None = None
+    feature_config: FeatureConfig | None = None
+    generator_config: Mapping[str, Any] | None = None
+    tolerances: ParityTolerances = ParityTolerances()
+    force_champion: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "checkpoint", Path(self.checkpoint))
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+
+
+def export_and_register(request: ExportRequest) -> RegistrationResult:
+    """The release stage: :func:`prepare_export` (all on disk) then :func:`register_export`.
+
+    Raises:
+        ConfigError, ExportError, GateFailed: from the export stage (nothing published).
+        ServiceUnavailableError: S3 or MLflow down; the export stays in ``request.out_dir``,
+            and ``python -m tuning.register --from OUT_DIR`` finishes the job.
+    """
+    prepare_export(request)
+    return register_export(request.out_dir, request.settings, force_champion=request.force_champion)
+
+
+# -- stage 1: export, gate, card (everything lands on disk) ---------------------------------------------
+
+
+def prepare_export(request: ExportRequest) -> Path:
+    """Export ``request.checkpoint`` into ``request.out_dir`` and gate it; nothing leaves the machine.
+
+    Load (refused if it does not match its config) → calibrate on val and
+    evaluate → ONNX → parity gate on test → plots, card and ``registration.json``.
 
     Returns:
-        ``out_dir``.
+        ``request.out_dir``.
 
     Raises:
         DataError: the test split is empty.
@@ -165,34 +167,36 @@ def prepare_export(checkpoint: str | Path, splits: Mapping[str, HeimdallDataset]
     """
     from heimdall.evaluation import evaluate_split
 
-    out = Path(out_dir)
-    _require_test_split(splits, str((lineage or {}).get("dataset", "")))
-    module = load_checkpoint(checkpoint, expected, feature_config)
-    evaluation = evaluate_split(module, dict(splits), generator_config=dict(generator_config) if generator_config else None)
-    held = HeldOut.from_split(splits["test"], module, dataset=str((lineage or {}).get("dataset", "")))
+    r, out = request, request.out_dir
+    dataset = str((r.lineage or {}).get("dataset", ""))
+    _require_test_split(r.splits, dataset)
+    module = load_checkpoint(r.checkpoint, r.expected, r.feature_config)
+    evaluation = evaluate_split(module, dict(r.splits), generator_config=dict(r.generator_config) if r.generator_config else None)
+    held = HeldOut.from_split(r.splits["test"], module, dataset=dataset)
     out.mkdir(parents=True, exist_ok=True)
     for stale in (REQUEST_FILE, STATUS_FILE, CARD_FILE):
         (out / stale).unlink(missing_ok=True)
-    metadata = build_metadata(module, space=space)
+    metadata = build_metadata(module, space=r.space)
     model_path = export_onnx(module, out / MODEL_FILE, metadata)
-    parity = verify_parity(module, model_path, held, tolerances)
+    parity = verify_parity(module, model_path, held, r.tolerances)
     _write_json(out / PARITY_FILE, parity.to_dict())
     if not parity.passed:
         raise GateFailed(parity, str(out / PARITY_FILE))
     digest = content_sha256(model_path)
-    space_doc = _space_document(space)
+    space_doc = _space_document(r.space)
+    study = r.study
     study_doc = {"name": study.name, "best_trial_id": study.best_trial_id, "objective": study.objective,
                  "n_trials": len(study.trials)}
     card = build_model_card(module=module, metadata=metadata, evaluation=evaluation, parity=parity, held=held,
-                            lineage=lineage, space=space_doc, study=study_doc, seeds=study.seeds, content_digest=digest)
+                            lineage=r.lineage, space=space_doc, study=study_doc, seeds=study.seeds, content_digest=digest)
     held.save(out / HELDOUT_FILE)
     plots = _collect_plots(out, study.plots, model_path, held, module)
     if space_doc:
         _write_json(out / SPACE_FILE, space_doc)
     _write_json(out / CARD_FILE, card)
     _write_json(out / REQUEST_FILE, {
-        "format": 1, "study": replace(study, plots=tuple(plots)).to_dict(), "lineage": dict(lineage) if lineage else None,
-        "model_sha256": file_sha256(model_path), "content_sha256": digest, "checkpoint": str(checkpoint)})
+        "format": 1, "study": replace(study, plots=tuple(plots)).to_dict(), "lineage": dict(r.lineage) if r.lineage else None,
+        "model_sha256": file_sha256(model_path), "content_sha256": digest, "checkpoint": str(r.checkpoint)})
     return out
 
 
@@ -393,24 +397,6 @@ def _receivers() -> tuple[str, ...]:
     from heimdall.receivers import STATION_IDS
 
     return STATION_IDS
-
-
-def export_and_register(checkpoint: str | Path, splits: Mapping[str, HeimdallDataset], *, out_dir: str | Path,
-                        study: StudyRecord, settings: RegistrySettings, space: SearchSpace | None = None,
-                        lineage: Mapping[str, Any] | None = None, expected: TrialConfigs | None = None,
-                        feature_config: FeatureConfig | None = None, generator_config: Mapping[str, Any] | None = None,
-                        tolerances: ParityTolerances = ParityTolerances(), force_champion: bool = False,
-                        ) -> RegistrationResult:
-    """The run-end hook: :func:`prepare_export` then :func:`register_export` (see both for arguments).
-
-    Raises:
-        ConfigError, ExportError, GateFailed: from the export stage (nothing published).
-        ServiceUnavailableError: S3 or MLflow down; the export stays in ``out_dir``,
-            and ``python -m tuning.register --from out_dir`` finishes the job.
-    """
-    prepare_export(checkpoint, splits, out_dir, study=study, space=space, lineage=lineage, expected=expected,
-                   feature_config=feature_config, generator_config=generator_config, tolerances=tolerances)
-    return register_export(out_dir, settings, force_champion=force_champion)
 
 
 def trial_records(results: Iterable[Any], statuses: Mapping[str, str] | None = None) -> list[TrialRecord]:

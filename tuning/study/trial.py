@@ -41,7 +41,6 @@ same names.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -68,6 +67,8 @@ from tuning.study.spaces import SearchSpace, TrialConfigs, build_configs, fit_bu
 
 if TYPE_CHECKING:
     import ray.data
+
+    from tuning.study.tune import StudyConfig
 
 __all__ = [
     "Objective",
@@ -156,56 +157,36 @@ def calibrated_nll(nll_km: float, coverage_1sigma: float, coverage_2sigma: float
 # -- the trial's settings ------------------------------------------------------------
 
 
+#: Validation batch size (no gradients, so larger than a training batch).
+EVAL_BATCH_SIZE = 256
+#: Checkpoints a trial keeps: the best by the objective and the latest.
+CHECKPOINTS_TO_KEEP = 2
+
+
 @dataclass(frozen=True)
 class TrialSpec:
     """Everything a trial needs besides its sampled parameters; sent to every trial.
 
+    Its settings are the study's (:class:`tuning.study.tune.StudyConfig`, validated
+    there: objective, epoch budget and schedule horizon, seed, workers and their
+    CPUs, Train restarts); this adds the space and where checkpoints go.
+
     Attributes:
+        study: the study's settings.
         space: the search space the parameters come from.
-        objective: what the study minimises (ranks checkpoints too).
-        max_epochs: epochs of a trial that ASHA never stops; also the horizon
-            of the learning-rate schedule (see :meth:`configs`).
-        seed: base seed; a trial uses ``seed + its Optuna trial number``.
         train_storage: where Train runs keep checkpoints, a path on
             ``storage_filesystem`` (``bucket/prefix/...`` for S3).
         storage_filesystem: pyarrow filesystem of ``train_storage``; None for local paths.
-        workers_per_trial: Train workers (DDP processes) per trial.
-        cpus_per_worker: CPUs each Train worker reserves (its torch threads).
-        max_failures: restarts of a trial's Train run after infrastructure failures
-            (a dead worker or node) before the trial fails; deterministic failures get none.
-        eval_batch_size: validation batch size (no gradients, so larger).
-        checkpoints_to_keep: per trial: the best by the objective and the latest.
     """
 
+    study: StudyConfig
     space: SearchSpace
-    objective: Objective
-    max_epochs: int
-    seed: int
     train_storage: str
     storage_filesystem: pyarrow.fs.FileSystem | None = None
-    workers_per_trial: int = 1
-    cpus_per_worker: float = 1.0
-    max_failures: int = 2
-    eval_batch_size: int = 256
-    checkpoints_to_keep: int = 2
 
     def __post_init__(self) -> None:
-        p: list[str] = []
-        if not (isinstance(self.max_epochs, int) and self.max_epochs >= 1):
-            p.append(f"max_epochs must be an integer >= 1, got {self.max_epochs!r}")
-        if not (isinstance(self.workers_per_trial, int) and self.workers_per_trial >= 1):
-            p.append(f"workers_per_trial must be an integer >= 1, got {self.workers_per_trial!r}")
-        if not (math.isfinite(self.cpus_per_worker) and self.cpus_per_worker > 0):
-            p.append(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
-        if not (isinstance(self.max_failures, int) and self.max_failures >= 0):
-            p.append(f"max_failures must be an integer >= 0 (finite: -1 can retry forever), got {self.max_failures!r}")
-        if self.eval_batch_size < 1:
-            p.append(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
-        if self.checkpoints_to_keep < 1:
-            p.append(f"checkpoints_to_keep must be >= 1, got {self.checkpoints_to_keep}")
         if not self.train_storage:
-            p.append("train_storage must name a directory or bucket/prefix, got ''")
-        collect_problems("TrialSpec", p)
+            collect_problems("TrialSpec", ["train_storage must name a directory or bucket/prefix, got ''"])
 
     def configs(self, params: Mapping[str, Any]) -> TrialConfigs:
         """The trial's typed configs, with the study's epoch budget as the schedule horizon.
@@ -220,7 +201,7 @@ class TrialSpec:
         """
         configs = build_configs(self.space, trial_params(params))
         chosen = set(self.space.fixed) | {p.name for p in self.space.parameters}
-        return fit_budget(configs, self.max_epochs, chosen)
+        return fit_budget(configs, self.study.max_epochs, chosen)
 
     def check_rows(self, counts: Mapping[str, int]) -> None:
         """Every Train worker must get at least one training and one validation recording.
@@ -236,9 +217,9 @@ class TrialSpec:
             ConfigError: naming each split that is too small, with the fix.
         """
         collect_problems("trial data", [
-            f"the {split} split has {counts.get(split, 0)} recording(s) for {self.workers_per_trial} Train worker(s): "
+            f"the {split} split has {counts.get(split, 0)} recording(s) for {self.study.workers_per_trial} Train worker(s): "
             f"a worker would get none; fix: use a larger dataset (--recordings) or fewer --workers-per-trial"
-            for split in ("train", "val") if counts.get(split, 0) // self.workers_per_trial < 1])
+            for split in ("train", "val") if counts.get(split, 0) // self.study.workers_per_trial < 1])
 
 
 def trial_params(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -302,7 +283,7 @@ def _quiet_lightning() -> None:
 
 def _build_trainer(spec: TrialSpec, metrics: TrialMetrics) -> pl.Trainer:
     trainer = pl.Trainer(
-        max_epochs=spec.max_epochs,
+        max_epochs=spec.study.max_epochs,
         accelerator="cpu",
         devices="auto",
         strategy=RayDDPStrategy(),
@@ -342,7 +323,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # n_rows gives the loaders a length: the module's lr schedule counts steps per epoch.
     train = RayBatches(ray.train.get_dataset_shard("train"), configs.optimizer.batch_size, shuffle=True,
                        seed=config["seed"], n_rows=cache.counts["train"] // world)
-    val = RayBatches(ray.train.get_dataset_shard("val"), spec.eval_batch_size, shuffle=False,
+    val = RayBatches(ray.train.get_dataset_shard("val"), EVAL_BATCH_SIZE, shuffle=False,
                      seed=0, n_rows=cache.counts["val"] // world)
     checkpoint = ray.train.get_checkpoint()
     _announce(config.get("trial_id"), checkpoint)
@@ -442,13 +423,13 @@ def _train_run_config(spec: TrialSpec, run_name: str) -> Any:
         # from a deterministic error before restarting; Train would retry both alike.
         failure_config=ray.train.FailureConfig(
             max_failures=0,
-            controller_failure_limit=spec.max_failures,
-            max_preemption_failures=spec.max_failures,
+            controller_failure_limit=spec.study.max_failures,
+            max_preemption_failures=spec.study.max_failures,
         ),
         checkpoint_config=ray.train.CheckpointConfig(
-            num_to_keep=spec.checkpoints_to_keep,
-            checkpoint_score_attribute=spec.objective.metric,
-            checkpoint_score_order=spec.objective.mode,
+            num_to_keep=CHECKPOINTS_TO_KEEP,
+            checkpoint_score_attribute=spec.study.objective_spec.metric,
+            checkpoint_score_order=spec.study.objective_spec.mode,
         ),
     )
 
@@ -502,13 +483,13 @@ def _fit_with_restarts(config: Mapping[str, Any], spec: TrialSpec, datasets: Map
     params = trial_params(config)
     spec.configs(params)  # fail here, in one clear error, rather than in every worker
     spec.check_rows(cache.counts)
-    seed = spec.seed + int(config.get(OPTUNA_NUMBER_KEY, 0))
-    for restart in range(spec.max_failures + 1):
+    seed = spec.study.seed + int(config.get(OPTUNA_NUMBER_KEY, 0))
+    for restart in range(spec.study.max_failures + 1):
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"spec": spec, "params": params, "seed": seed, "cache": cache, "trial_id": trial_id},
             scaling_config=ray.train.ScalingConfig(
-                num_workers=spec.workers_per_trial, resources_per_worker={"CPU": spec.cpus_per_worker}
+                num_workers=spec.study.workers_per_trial, resources_per_worker={"CPU": spec.study.cpus_per_worker}
             ),
             datasets=dict(datasets),
             run_config=_train_run_config(spec, trial_id),  # same name: a restart resumes the run
@@ -517,8 +498,8 @@ def _fit_with_restarts(config: Mapping[str, Any], spec: TrialSpec, datasets: Map
             trainer.fit()
             return
         except ray.train.WorkerGroupError as error:
-            if deterministic_cause(error) is not None or restart == spec.max_failures:
+            if deterministic_cause(error) is not None or restart == spec.study.max_failures:
                 raise
             print(f"{datetime.now().isoformat(timespec='milliseconds')} heimdall: trial {trial_id} lost a worker "
-                  f"({_one_line(error, 200)}); restart {restart + 1}/{spec.max_failures} from its last checkpoint",
+                  f"({_one_line(error, 200)}); restart {restart + 1}/{spec.study.max_failures} from its last checkpoint",
                   flush=True)

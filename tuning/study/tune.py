@@ -30,7 +30,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from heimdall.errors import AlreadyExistsError, ConfigError, NotFoundError, Serv
 from heimdall.store import S3Settings, open_store
 from tuning.data.pipeline import READ_CONCURRENCY, READ_NUM_CPUS, FeatureCache
 from tuning.study.spaces import SearchSpace, to_optuna
+from tuning.settings import parse_duration, positive_float, positive_int, setting
 from tuning.study.trial import EPOCHS_METRIC, OBJECTIVES, OPTUNA_NUMBER_KEY, Objective, TrialSpec, run_trial
 
 __all__ = [
@@ -110,6 +111,9 @@ PG_CONNECT_TIMEOUT_S = 5
 class StudyConfig:
     """A study's settings: what is searched, on what, for how long.
 
+    The one home of their defaults: a field declared with :func:`tuning.settings.setting`
+    is also a ``tuning.run`` flag, its help in the field's metadata.
+
     Attributes:
         name: study name: the Optuna study, the Tune experiment and the output directory.
         space: search-space name (``search_spaces/<name>.yaml``) or path.
@@ -133,24 +137,35 @@ class StudyConfig:
             refusing the space (``--smoke-test`` only: a real study should fix its space).
     """
 
-    name: str
-    space: str = "resnet"
-    dataset: str = "default"
-    dataset_recordings: int = 8000
+    name: str = field(metadata=setting("study name (Optuna study, Tune experiment, output folder) [space-objective-time]"))
+    space: str = field(default="resnet", metadata=setting(
+        "search space: a name in search_spaces/ or a path to a .yaml [{default}]"))
+    dataset: str = field(default="default", metadata=setting("dataset name; generated on first use if absent [{default}]"))
+    dataset_recordings: int = field(default=8000, metadata=setting(
+        "size of a dataset generated on first use [{default}, ~0.23 MB each]", flag="--recordings", type=positive_int))
     dataset_seed: int = 0
-    objective: str = "nll"
-    trials: int = 8
-    max_epochs: int = 4
-    time_budget_s: float | None = 22 * 60.0
-    seed: int = 0
-    workers_per_trial: int = 1
-    cpus_per_worker: float = 1.0
-    grace_period: int = 1
+    objective: str = field(default="nll", metadata=setting(
+        "; ".join(f"{o.name}: {o.description}" for o in OBJECTIVES.values()), choices=sorted(OBJECTIVES)))
+    trials: int = field(default=8, metadata=setting("number of trials [{default}]", type=positive_int))
+    max_epochs: int = field(default=4, metadata=setting("epochs of a trial ASHA does not stop [{default}]",
+                                                        type=positive_int))
+    time_budget_s: float | None = field(default=22 * 60.0, metadata=setting(
+        "stop the study after this long: 90s, 30m, 2h or none [{default}]", flag="--time-budget", type=parse_duration,
+        shown=lambda s: f"{s / 60:g}m", nullable=True))
+    seed: int = field(default=0, metadata=setting("sampler seed; trial n uses seed + n [{default}]", type=int))
+    workers_per_trial: int = field(default=1, metadata=setting(
+        "Train workers (DDP processes) per trial [{default}]", type=positive_int))
+    cpus_per_worker: float = field(default=1.0, metadata=setting(
+        "CPUs per Train worker [{default}]", type=positive_float, shown=lambda c: f"{c:g}"))
+    grace_period: int = field(default=1, metadata=setting(
+        "epochs every trial runs before ASHA may stop it [{default}]", type=positive_int))
     reduction_factor: int = 3
     max_failures: int = 2
     tpe_startup_trials: int = 3
     pin_long_warmups: bool = False
-    max_concurrent: int | None = None
+    max_concurrent: int | None = field(default=None, metadata=setting(
+        "at most this many trials at once [as many as the cluster's CPUs fit]; on a cluster, "
+        "size it so that one node fewer still fits them", type=positive_int))
 
     def __post_init__(self) -> None:
         p: list[str] = []
@@ -162,10 +177,10 @@ class StudyConfig:
                      f"got {self.seed!r}")
         if self.objective not in OBJECTIVES:
             p.append(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        for field in ("dataset_recordings", "trials", "max_epochs", "workers_per_trial", "grace_period"):
-            value = getattr(self, field)
+        for key in ("dataset_recordings", "trials", "max_epochs", "workers_per_trial", "grace_period"):
+            value = getattr(self, key)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                p.append(f"{field} must be an integer >= 1, got {value!r}")
+                p.append(f"{key} must be an integer >= 1, got {value!r}")
         if isinstance(self.grace_period, int) and isinstance(self.max_epochs, int) and self.grace_period > self.max_epochs:
             p.append(f"grace_period ({self.grace_period}) must not exceed max_epochs ({self.max_epochs})")
         if not (isinstance(self.reduction_factor, int) and self.reduction_factor >= 2):
@@ -499,7 +514,8 @@ def plan_resources(cluster_cpus: float, workers_per_trial: int, cpus_per_worker:
     """Size ``max_concurrent_trials`` so every trial's workers and data tasks fit at once.
 
     Args:
-        cluster_cpus: ``ray.cluster_resources()["CPU"]`` (or ``os.cpu_count()`` for a dry run).
+        cluster_cpus: the CPUs of the cluster that runs the study, ``ray.cluster_resources()["CPU"]``
+            once Ray is up (a dry run starts no Ray: it plans for this machine's ``os.cpu_count()``).
         workers_per_trial: Train workers per trial.
         cpus_per_worker: CPUs per worker.
         max_concurrent: an upper bound set by the user (None: as many as fit).

@@ -21,15 +21,14 @@ from tuning.release.publish import (
     FIRST_VERSION,
     MODELS_BUCKET,
     _put_once,
-    models_store_url,
     next_version,
     parse_version,
     publish,
     released_versions,
 )
-from tuning.release.stage import RegistrySettings, export_and_register, register_export
+from tuning.release.stage import ExportRequest, RegistrySettings, export_and_register, register_export
 from tuning.register import main as register_main
-from tuning.release.registry import CHAMPION_ALIAS, REGISTERED_MODEL, Registry, StudyRecord, TrialRecord, tracking_uri
+from tuning.release.registry import CHAMPION_ALIAS, REGISTERED_MODEL, Registry, StudyRecord, TrialRecord
 from tuning.ops.services import free_ports
 
 # -- versions and settings ------------------------------------------------------------------------------
@@ -45,12 +44,16 @@ def test_versions_start_at_0_1_0_and_bump_the_patch() -> None:
 
 
 def test_defaults_are_embedded_and_overridable(tmp_path: Path) -> None:
-    assert tracking_uri(tmp_path, environ={}) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
-    assert tracking_uri(tmp_path, environ={"MLFLOW_TRACKING_URI": "http://h:5000"}) == "http://h:5000"
-    assert tracking_uri(tmp_path, "http://flag:1", environ={"MLFLOW_TRACKING_URI": "http://h:5000"}) == "http://flag:1"
-    assert models_store_url(tmp_path, environ={}) == str(tmp_path / "models")
-    assert models_store_url(tmp_path, environ={"HEIMDALL_S3_ENDPOINT": "http://s3:8333"}) == f"s3://{MODELS_BUCKET}"
-    assert models_store_url(tmp_path, "s3://other", environ={"HEIMDALL_S3_ENDPOINT": "x"}) == "s3://other"
+    def resolved(mlflow_uri: str | None = None, models_store: str | None = None, **env: str) -> RegistrySettings:
+        return RegistrySettings.resolve(tmp_path, mlflow_uri, models_store, environ=env)
+
+    d = tmp_path.resolve()
+    assert resolved().mlflow_uri == f"sqlite:///{d / 'mlflow.db'}"
+    assert resolved(MLFLOW_TRACKING_URI="http://h:5000").mlflow_uri == "http://h:5000"
+    assert resolved("http://flag:1", MLFLOW_TRACKING_URI="http://h:5000").mlflow_uri == "http://flag:1"
+    assert resolved().models_store == str(d / "models")
+    assert resolved(HEIMDALL_S3_ENDPOINT="http://s3:8333").models_store == f"s3://{MODELS_BUCKET}"
+    assert resolved(models_store="s3://other", HEIMDALL_S3_ENDPOINT="x").models_store == "s3://other"
 
 
 def test_an_unreachable_server_fails_fast_with_the_fix() -> None:
@@ -136,11 +139,11 @@ def test_sqlite_registration_moves_the_champion_only_for_a_better_model(tmp_path
     settings = RegistrySettings.resolve(tmp_path, models_store=str(tmp_path / "models"))
     assert settings.mlflow_uri.startswith("sqlite:///")
 
-    bad = export_and_register(bad_ckpt, splits, out_dir=tmp_path / "bad", study=_study("study-bad"), settings=settings)
+    bad = export_and_register(ExportRequest(bad_ckpt, splits, tmp_path / "bad", _study("study-bad"), settings))
     assert (bad.publication.version, bad.mlflow_version, bad.champion) == ("0.1.0", "1", True)
     assert bad.comparison["reason"] == "no champion yet"
 
-    better = export_and_register(good_ckpt, splits, out_dir=tmp_path / "good", study=_study("study-good"), settings=settings)
+    better = export_and_register(ExportRequest(good_ckpt, splits, tmp_path / "good", _study("study-good"), settings))
     assert (better.publication.version, better.mlflow_version, better.champion) == ("0.1.1", "2", True)
     assert better.comparison["decision"] == "promoted"
     assert better.comparison["new"]["value"] < better.comparison["champion"]["value"]
@@ -232,8 +235,8 @@ def test_the_whole_chain_against_mlflow_server_and_s3(tmp_path: Path, mlflow_ser
     # MLflow down: the study's results are kept on disk, published, and one command finishes the job.
     dead = RegistrySettings(d, f"http://127.0.0.1:{free_ports(1)[0]}", f"s3://{MODELS_BUCKET}")
     with pytest.raises(ServiceUnavailableError, match=r"python -m tuning\.register --from") as err:
-        export_and_register(ckpt, splits, out_dir=export_dir, study=_study("acceptance"), settings=dead,
-                            space=load_space("resnet"), lineage=lineage, generator_config=info.config)
+        export_and_register(ExportRequest(ckpt, splits, export_dir, _study("acceptance"), dead, space=load_space("resnet"),
+                                          lineage=lineage, generator_config=info.config))
     assert "unreachable" in str(err.value)
     assert {"model.onnx", "model_card.json", "parity.json", "registration.json"} <= {p.name for p in export_dir.iterdir()}
     started = time.monotonic()
@@ -300,9 +303,9 @@ def test_the_whole_chain_against_mlflow_server_and_s3(tmp_path: Path, mlflow_ser
 
     # A worse model is released and registered, but the champion stays.
     worse = save_checkpoint(_shifted(load_checkpoint(ckpt), 1.0), tmp_path / "worse.ckpt")
-    result = export_and_register(worse, splits, out_dir=tmp_path / "worse", study=_study("acceptance-worse"),
-                                 settings=RegistrySettings(d, mlflow_server.uri, f"s3://{MODELS_BUCKET}"),
-                                 lineage=lineage)
+    result = export_and_register(ExportRequest(worse, splits, tmp_path / "worse", _study("acceptance-worse"),
+                                               RegistrySettings(d, mlflow_server.uri, f"s3://{MODELS_BUCKET}"),
+                                               lineage=lineage))
     assert result.publication.version == next_version([expected]) and result.mlflow_version == "2"
     assert (result.champion, result.comparison["decision"]) == (False, "kept")
     assert client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION_ALIAS).version == champion.version

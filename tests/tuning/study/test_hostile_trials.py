@@ -36,8 +36,8 @@ from tuning.study.spaces import (
     with_overrides,
 )
 from tuning.train import _configs, build_parser
-from tuning.study.trial import OBJECTIVES, TrialFailed, TrialSpec, deterministic_cause
-from tuning.study.tune import plan_resources
+from tuning.study.trial import TrialFailed, TrialSpec, deterministic_cause
+from tuning.study.tune import StudyConfig, plan_resources
 
 TINY_RESNET = ResNetConfig(stage_depths=(1,), width=8, stem_channels=2, head_hidden=16, dropout=0.0)
 
@@ -158,13 +158,13 @@ def test_a_short_run_can_pin_the_warmups_the_space_searches() -> None:
 def test_one_warmup_policy_horizon_is_the_budget_defaults_off_chosen_refused() -> None:
     space = load_space("resnet")
     params = {p.name: p.corners()[0] for p in space.parameters if not p.when}
-    spec = TrialSpec(space=space, objective=OBJECTIVES["nll"], max_epochs=1, seed=0, train_storage="unused")
+    spec = TrialSpec(StudyConfig(name="t", max_epochs=1), space, train_storage="unused")
     configs = spec.configs(params)  # mse warm-up searched at 0; lr warm-up a default that cannot fit: off
     assert configs.optimizer.max_epochs == 1 and configs.optimizer.warmup == 0.0
     assert configs.loss.mse_warmup_epochs == 0
     with pytest.raises(ConfigError, match="loss.mse_warmup_epochs is 3 epochs.*never train the NLL"):
         spec.configs({**params, "loss.mse_warmup_epochs": 3})  # no longer a stretched horizon
-    four = TrialSpec(space=space, objective=OBJECTIVES["nll"], max_epochs=4, seed=0, train_storage="unused")
+    four = TrialSpec(StudyConfig(name="t", max_epochs=4), space, train_storage="unused")
     kept = four.configs({**params, "loss.mse_warmup_epochs": 3})
     assert (kept.optimizer.max_epochs, kept.optimizer.warmup, kept.loss.mse_warmup_epochs) == (4, 1.0, 3)
 
@@ -182,8 +182,8 @@ def test_tuning_train_uses_the_same_policy_for_its_default_warmups() -> None:
 
 
 def test_every_train_worker_needs_rows_of_each_split() -> None:
-    spec = TrialSpec(space=load_space("resnet"), objective=OBJECTIVES["nll"], max_epochs=1, seed=0,
-                     train_storage="unused", workers_per_trial=2)
+    spec = TrialSpec(StudyConfig(name="t", max_epochs=1, workers_per_trial=2), load_space("resnet"),
+                     train_storage="unused")
     spec.check_rows({"train": 2, "val": 2})
     with pytest.raises(ConfigError) as err:
         spec.check_rows({"train": 1, "val": 0})
