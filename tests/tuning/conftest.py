@@ -6,7 +6,7 @@ shares it. Rules for tests that use it:
 * never call ``ray.shutdown()`` or ``ray stop`` (the latter kills every Ray on
   the machine, other developers' included);
 * leave the dashboard on: with ``include_dashboard=False`` a Train run nested in
-  a Tune trial never released its CPU (docs ENVIRONMENT.md, "Hang to avoid");
+  a Tune trial never released its CPU (docs/architecture.md, "Ray facts we rely on");
 * the cluster has 2 CPUs: size trials and Data tasks to fit (see
   :mod:`tuning.data.pipeline`).
 

@@ -1,98 +1,20 @@
-"""The Ray Data pipeline: shards → features computed ONCE per study → per-trial
-datasets → per-worker torch batches.
+"""The Ray Data pipeline: shards → features computed ONCE per study → per-trial datasets → torch batches.
 
-Features do not depend on a trial's hyperparameters, so they are computed once
-per (dataset contents, :class:`~heimdall.features.FeatureConfig`,
-:class:`~heimdall.datasets.SplitConfig`, :class:`~heimdall.models.TargetScaling`,
-oracle on/off) and kept as Parquet in the SAME blob store as the shards::
+Features do not depend on a trial's hyperparameters, so :func:`ensure_feature_cache`
+computes them once on the driver, before any trial, and keeps them as Parquet
+in the same blob store as the shards (``features/{dataset}/{key}/split=*/``,
+``manifest.json`` written last marks it complete; ``key`` hashes everything the
+features depend on). Trials only read that cache: :func:`trial_datasets` for
+``TorchTrainer(datasets=...)``, :class:`RayBatches` in each worker,
+:func:`read_cached` for evaluation and export.
 
-    features/{dataset}/{key}/split=train/*.parquet
-    features/{dataset}/{key}/split=val/*.parquet
-    features/{dataset}/{key}/split=test/*.parquet
-    features/{dataset}/{key}/manifest.json        ← written LAST
-
-``key`` is a hash of everything the features depend on, including every shard's
-SHA-256, so a regenerated dataset of the same name gets a new cache. The
-manifest marks the cache complete: a run killed mid-build leaves no manifest,
-and the next run deletes the partial files and rebuilds. Because the cache
-lives in the store, a restarted driver resumes with it and every node of a
-cluster reads it (S3). One build per cache at a time: two drivers building
-the same key concurrently would overwrite each other's files.
-
-Build (:func:`ensure_feature_cache`, on the driver, before any trial starts):
-
-1. Driver-side checks, so a bad dataset fails with one clear Heimdall error and
-   not a Ray traceback: the dataset is complete (:func:`open_dataset`), has
-   shards and labelled recordings, every shard object exists with its
-   catalogued size (:func:`verify_dataset`: catches deleted and truncated
-   objects, naming the key), and the first shard's sample rate, length and IQ
-   scale match the FeatureConfig.
-2. ``ray.data.from_items`` (one row per shard) → ``map_batches`` with the
-   callable class :class:`_ShardFeatures` (an actor pool, one CPU per actor):
-   each actor reads a whole shard through the store's pyarrow filesystem and
-   decodes it with :func:`heimdall.shards.decode_shard`, which verifies the
-   catalogued SHA-256 and row count, schema, shape and finiteness (reading
-   with ``ray.data.read_parquet`` would skip the checksum, and a cache built
-   from a silently corrupted shard would outlive the corruption). It then
-   computes :class:`~heimdall.features.SpectrogramFeatures` (heard mask
-   applied) 64 recordings at a time, the targets and, for val/test rows of a
-   synthetic dataset, the Bayes oracle posterior.
-3. The actor writes one Parquet file per (shard, split) itself,
-   ``split={split}/part-{shard:05d}.parquet`` (Hive-style folder names), and
-   returns only a summary row; the driver then checks the row counts against
-   the catalogue and writes the manifest. Nothing but summaries passes
-   through the object store.
-
-Errors raised inside the actors (checksum mismatch, corrupt Parquet, NaN IQ)
-are re-raised on the driver as the original :class:`~heimdall.errors.DataError`
-with its message (Ray's ``raise_original_map_exception`` plus unwrapping).
-
-Cached columns (one row per recording whose transmitter position is known;
-rows with NaN position, e.g. imported data without a known source, are left
-out and counted as ``unlabelled``):
-
-==============  ======================  ==============================================
-column          type                    meaning
-==============  ======================  ==============================================
-recording_id    int64                   dataset-wide id
-features        fixed_size_binary       float16 (R, 128, 32), FeatureConfig units, unheard
-                                        receivers filled (:func:`decode_features`)
-mask            bool (R,)               receivers heard
-target          float32 (2,)            east/north km / target_scale_km
-oracle_mean     float32 (2,) km         Bayes oracle posterior mean; val/test files of
-                                        synthetic datasets only
-oracle_cov      float32 (2, 2) km²      its covariance; idem
-==============  ======================  ==============================================
-
-float16 halves the cache and the per-epoch I/O. Features span about -2.5..4.5
-network units (db_scale = 20 dB per unit); float16's rounding error is at most
-0.00049 units (0.01 dB) below 2 units and 0.002 units (0.04 dB) up to 8: two
-orders of magnitude under the ~5.6 dB scatter of a single periodogram bin and
-the 6 dB shadowing, so the model cannot tell. ``tests/tuning/data/test_pipeline.py``
-measures it against :func:`heimdall.features.spectrogram_numpy`.
-
-Trials (:func:`trial_datasets` → ``TorchTrainer(datasets=...)``; in each worker
-:class:`RayBatches` over ``ray.train.get_dataset_shard(split)``) only read the
-cached Parquet: no IQ, no FFT, no oracle per trial. :func:`read_cached` reads
-any split with every column (evaluation, export).
-
-Resources. The build uses one actor per CPU (``workers``), which is right
-because it runs before trials start. During tuning, each dataset of a trial
-runs at most :data:`READ_CONCURRENCY` (2) read tasks of :data:`READ_NUM_CPUS`
-(0.25) CPU each, scheduled outside the trials' placement groups: keep
-``max_concurrent_trials * (trial CPUs + workers * CPUs per worker + 2 * 0.25)
-<= cluster CPUs`` (train and val are read one after the other), or reads stall
-behind training workers. On the 2-core development machine that means one
-trial at a time with a 1-CPU worker.
+Why shards are decoded by our own actors (checksums), why float16, and how the
+read tasks fit beside the trials' CPUs: docs/architecture.md, "Data".
 
 Example::
 
     cache = ensure_feature_cache(catalog, store, "demo", FeatureConfig())
     trainer = TorchTrainer(train_fn, datasets=trial_datasets(cache, store), ...)
-    # inside train_fn:
-    train = RayBatches(ray.train.get_dataset_shard("train"), 64, shuffle=True, seed=0)
-    val = RayBatches(ray.train.get_dataset_shard("val"), 256, shuffle=False, seed=0)
-    trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
 """
 from __future__ import annotations
 

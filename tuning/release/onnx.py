@@ -1,34 +1,13 @@
 """A trained checkpoint → one self-describing ONNX file, a parity gate, a model card.
 
-The exported graph's contract (what every consumer of ``localization-v*.onnx`` reads):
-
-=========== ============ ==================================================================
-name        shape        meaning
-=========== ============ ==================================================================
-features    (B, R, F, T) float32 spectrogram features, :mod:`heimdall.features` units,
-                         receivers in the order of metadata ``receivers``
-mask        (B, R)       bool, receiver heard
-position    (B, 2)       latitude, longitude in degrees (WGS84 sphere)
-sigma       (B, 2)       1σ east, north in meters (ellipse calibration applied)
-rho         (B,)         east/north correlation (zeros for a diagonal head)
-ellipse     (B, 3)       1σ ellipse: semi-major m, semi-minor m, rotation in degrees
-                         (bearing of the major axis, clockwise from north, [0, 180))
-=========== ============ ==================================================================
-
-Why features and not raw IQ as the input: the feature stage works on complex
-float64 FFTs (a -40 dBm carrier next to -160 dBm noise bins spans 120 dB, at
-float32's edge), and ONNX has no complex tensors; the numpy reference
-:func:`heimdall.features.spectrogram_numpy` computes the same features from the
-``feature_config`` in the metadata, so the file alone still suffices.
-
-The batch axis is dynamic. ``metadata_props`` carry JSON values:
-``feature_config``, ``receivers``, ``frame_origin``, ``target_scaling``,
-``covariance_scale``, ``ellipse_confidence``, ``search_space`` (name, sha256),
-``model_version``, ``arch``, ``model_config``, ``loss_config``, ``created``,
-``git_revision``, ``heimdall_version`` (see :class:`ModelMetadata`).
-
-The parity gate (:func:`verify_parity`) runs onnxruntime and PyTorch on the same
-held-out recordings; :class:`ParityTolerances` states what must agree.
+:func:`load_checkpoint` reads a checkpoint as data and refuses one that does not
+match its config; :func:`export_onnx` writes the network plus the geographic
+head (position, sigma, rho, 1σ ellipse) with :class:`ModelMetadata` in
+``metadata_props``, so the file alone suffices to run it; the parity gate
+(:func:`verify_parity`) runs onnxruntime and PyTorch on the same held-out
+recordings against :class:`ParityTolerances`; :func:`build_model_card` writes
+what was released and how well it does. The graph's inputs and outputs, and
+why its input is features rather than IQ: docs/architecture.md, "The released file".
 """
 from __future__ import annotations
 

@@ -1,42 +1,16 @@
 """One trial of a study: a Ray Train run of an ordinary Lightning ``Trainer``.
 
-Ray Train V2 no longer runs inside ``Tuner(TorchTrainer(...))``; each Tune
-trial is the function :func:`run_trial`, which builds a ``TorchTrainer`` and
-calls ``fit()``. Its workers run :func:`train_loop_per_worker`: they build the
-model-core :class:`heimdall.module.LocalizationModule` from the trial's
-parameters (:func:`tuning.study.spaces.build_configs`) and a plain Lightning
-``Trainer``, to which Ray is added from the outside only: ``RayDDPStrategy``,
-``RayLightningEnvironment``, ``RayTrainReportCallback`` and
-``prepare_trainer``. Every validation epoch becomes one Train report (metrics
-plus a checkpoint), which ``TuneReportCallback`` forwards to Tune, where ASHA
-may stop the trial.
-
-Fault tolerance, in two layers, for infrastructure failures only:
-
-* when a Train worker dies (killed, its node lost), :func:`run_trial` starts
-  the trial's Train run again (up to :attr:`TrialSpec.max_failures` times)
-  and its workers resume from ``ray.train.get_checkpoint()``, the last
-  epoch's checkpoint;
-* the Train run of a Tune trial is named after the trial's id under the
-  study's storage, so when the trial function itself is restarted (a Tune
-  retry, or ``--resume`` after the driver died) Train reloads that run's
-  checkpoint state and the trial continues where it stopped.
-
-A deterministic failure, one that a retry would repeat (:data:`DETERMINISTIC_ERRORS`:
-a bad configuration, bad data, our own checks), is not retried by either
-layer: :func:`run_trial` raises :class:`TrialFailed` with the one-line
-reason and records it next to the trial's Train run, so that Tune's retry of
-the trial function (Tune cannot tell the two kinds apart) ends at once with
-the same reason instead of training again. The trial ends as an error in
-Tune and FAIL in Optuna.
-
-Every ``FailureConfig`` is finite: with the default
-``controller_failure_limit=-1`` a worker group that cannot start retries
-forever (see ENVIRONMENT.md, "Hang to avoid").
-
-The objectives live here too (:data:`OBJECTIVES`), because the workers compute
-the calibrated one (:func:`calibrated_nll`) and the driver ranks trials by the
-same names.
+Each Tune trial is the function :func:`run_trial`, which builds a
+``TorchTrainer`` and calls ``fit()``; its workers run
+:func:`train_loop_per_worker`, a plain Lightning ``Trainer`` over
+:class:`heimdall.module.LocalizationModule` with Ray added from the outside
+only. Every validation epoch is one report (metrics and a checkpoint) that ASHA
+may stop the trial on. A dead worker restarts the Train run from its last
+checkpoint (a finite number of times); a deterministic failure
+(:data:`DETERMINISTIC_ERRORS`) is never retried: :class:`TrialFailed` ends it
+with the one-line reason. The objectives (:data:`OBJECTIVES`) live here because
+the workers compute the calibrated one and the driver ranks trials by the same
+names. The design and the Ray facts behind it: docs/architecture.md, "Search".
 """
 from __future__ import annotations
 

@@ -559,11 +559,11 @@ class NumberedSpace:
     A picklable object: Tune pickles it with the searcher state.
     """
 
-    define: Callable[[optuna.trial.Trial], Any]
+    define: Callable[[optuna.trial.Trial], None]
 
     def __call__(self, trial: optuna.trial.Trial) -> dict[str, Any]:
-        fixed = self.define(trial) or {}
-        return {**fixed, OPTUNA_NUMBER_KEY: trial.number}
+        self.define(trial)  # suggests every parameter; a space has no constants of its own to return
+        return {OPTUNA_NUMBER_KEY: trial.number}
 
 
 #: Set by the driver's SIGINT/SIGTERM handler (:class:`tuning.run.GracefulStop`) while Tune winds
