@@ -60,7 +60,7 @@ def cpu_model() -> str:
 
 def machine_info() -> str:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = ", load average %.1f %.1f %.1f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
+    load = ", load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
     return (
         f"machine: {cpu_model()}, {os.cpu_count()} logical cores ({usable} usable){load}; "
         f"python {platform.python_version()}, numpy {np.__version__}"

@@ -46,7 +46,7 @@ def parse_args() -> argparse.Namespace:
 
 def machine_info(threads: int) -> str:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = "load average %.1f %.1f %.1f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
+    load = "load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
     import onnxruntime
 
     return (f"machine: {platform.processor() or platform.machine()}, {usable} usable cores, {load}; "
@@ -101,11 +101,12 @@ def main() -> None:
         tx, tm = torch.from_numpy(x), torch.from_numpy(mask)
         feed = {"features": x, "mask": mask}
 
-        def run_torch():
+        def run_torch(tx=tx, tm=tm):
             with torch.inference_mode():
                 return wrapper(tx, tm)
 
-        ms = median_ms({"torch": run_torch, "onnxruntime": lambda: session.run(None, feed)}, args.repeats, args.warmup)
+        ms = median_ms({"torch": run_torch, "onnxruntime": lambda feed=feed: session.run(None, feed)}, args.repeats,
+                       args.warmup)
         t_ms, o_ms = ms["torch"] / batch, ms["onnxruntime"] / batch
         diff = float(np.abs(session.run(None, feed)[1] - run_torch()[1].numpy()).max())
         print(f"{batch:>5} {t_ms:>13.3f} {o_ms:>19.3f} {o_ms / t_ms:>7.2f}  {diff:.3g}")

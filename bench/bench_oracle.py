@@ -41,7 +41,7 @@ def parse_args() -> argparse.Namespace:
 
 def machine_info() -> str:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = ", load average %.1f %.1f %.1f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
+    load = ", load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
     return f"machine: {platform.processor() or platform.machine()}, {usable} usable cores{load}; numpy {np.__version__}"
 
 

@@ -269,10 +269,10 @@ def search(args: argparse.Namespace) -> None:
           f"{'epochs to match':>15} {'time to match':>13}")
     for seed, rb, rn, tb, tn, fe, fs, _ in lines:
         print(f"{seed:4d} {rb:11.3f} {rn:6d} {tb:9.3f} {tn:6d} {fe:>15} {fs:>13}")
-    reached = [float(l[5]) for l in lines if l[7]]
+    reached = [float(line[5]) for line in lines if line[7]]
     print(f"TPE+ASHA matched random search's best in {len(reached)}/{len(lines)} seeds; median fraction of "
           f"random's compute (epochs) where matched: {statistics.median(reached) if reached else float('nan'):.2f}; "
-          f"TPE+ASHA's best was lower in {sum(l[3] < l[1] for l in lines)}/{len(lines)} seeds")
+          f"TPE+ASHA's best was lower in {sum(line[3] < line[1] for line in lines)}/{len(lines)} seeds")
 
 
 def build_parser() -> argparse.ArgumentParser:

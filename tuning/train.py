@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> dict:
         info = catalog.get_dataset(args.dataset)
         with tqdm(total=info.n_recordings, unit="rec", desc="features") as bar:
             splits = load_feature_splits(catalog, settings.open_store(), args.dataset, progress=bar.update)
-    print(f"splits: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+    print("splits: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
     _require_splits(splits, args.dataset, ("test",) if evaluated else ("train", "test"))
     if evaluated is not None:
         return _report(evaluated, splits, info, out, args, 0.0, 0)

@@ -38,7 +38,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -145,6 +145,8 @@ _NAME_RULE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 def redact_url(url: str) -> str:
     """``url`` without any password (in the user part or a ``password=`` parameter)."""
     parts = urlsplit(url)
+    if parts.password is None and "password=" not in parts.query.lower():
+        return url  # nothing to hide; urlunsplit would also turn sqlite:////abs into sqlite://abs
     netloc = parts.netloc
     if "@" in netloc:
         user, host = netloc.rsplit("@", 1)
@@ -203,7 +205,7 @@ class SQLCatalog(ABC):
     def _close_connection(self) -> None:
         """Close the driver's connection."""
 
-    def _prepare_schema(self, cur: Any) -> None:
+    def _prepare_schema(self, cur: Any) -> None:  # noqa: B027 - an optional hook, not an abstract step
         """Statements run first in :meth:`initialize` (schema, locks); none by default."""
 
     @abstractmethod
@@ -220,7 +222,7 @@ class SQLCatalog(ABC):
     def _ts_out(self, value: Any) -> datetime | None:
         if value is None:
             return None
-        return value.astimezone(timezone.utc)
+        return value.astimezone(UTC)
 
     def _json_out(self, value: Any) -> dict[str, Any]:
         return value if isinstance(value, dict) else json.loads(value)
@@ -560,7 +562,7 @@ class SQLCatalog(ABC):
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _check_dataset_request(

@@ -16,7 +16,7 @@ import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -136,7 +136,7 @@ class SQLiteCatalog(SQLCatalog):
         self._conn.close()
 
     def _ts_in(self, value: datetime) -> str:
-        return value.astimezone(timezone.utc).isoformat()
+        return value.astimezone(UTC).isoformat()
 
     def _ts_out(self, value: Any) -> datetime | None:
-        return None if value is None else datetime.fromisoformat(value).astimezone(timezone.utc)
+        return None if value is None else datetime.fromisoformat(value).astimezone(UTC)

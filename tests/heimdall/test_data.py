@@ -1,8 +1,6 @@
 """Training data: catalogue + store → in-memory feature splits."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch

@@ -10,8 +10,16 @@ import pytest
 
 from heimdall.catalog import open_catalog
 from heimdall.datasets import (
-    TEST, TRAIN, VAL, SplitConfig, generate_dataset, iter_shards, open_dataset, read_shard,
-    split_assignment, verify_dataset,
+    TEST,
+    TRAIN,
+    VAL,
+    SplitConfig,
+    generate_dataset,
+    iter_shards,
+    open_dataset,
+    read_shard,
+    split_assignment,
+    verify_dataset,
 )
 from heimdall.errors import AlreadyExistsError, ConfigError, DataError
 from heimdall.scene import GeneratorConfig

@@ -17,8 +17,8 @@ import torch
 
 from tests.tuning.mlflow_fixtures import tiny_module
 from tuning.data.cli import main as data_main
-from tuning.release.predict import main as predict_main
 from tuning.register import main as register_main
+from tuning.release.predict import main as predict_main
 from tuning.train import main as train_main
 
 

@@ -172,6 +172,8 @@ def test_describe_url_hides_every_form_of_password() -> None:
                 "postgresql://u:s3cr@t@h/db"):
         shown = describe_url(url)
         assert "s3cr" not in shown and "u@h" in shown, shown
+    for url in ("sqlite:////abs/optuna.db", "sqlite:///rel/optuna.db", "/data/runs", "s3://bucket/prefix"):
+        assert describe_url(url) == url  # nothing to hide: unchanged, absolute SQLite paths included
 
 
 # -- a real study ---------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from heimdall.catalog import Catalog
-from heimdall.errors import ConfigError
 from heimdall.datasets import TEST, SplitConfig, open_dataset, split_assignment
+from heimdall.errors import ConfigError
 from heimdall.geometry import default_frame
 from heimdall.metrics import format_reports, localization_report
 from heimdall.oracle import BayesOracle, centre_baseline

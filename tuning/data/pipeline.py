@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -43,11 +43,11 @@ from heimdall.store import BlobStore
 
 if TYPE_CHECKING:
     import pyarrow as pa
-
-    from heimdall.data import HeimdallDataset
     import pyarrow.fs
     import ray.data
     import torch
+
+    from heimdall.data import HeimdallDataset
 
 __all__ = [
     "CACHE_VERSION",
@@ -421,7 +421,7 @@ def _finish(store: BlobStore, plan: _Plan, written: dict[str, list[tuple[str, in
         "counts": counts,
         "files": {s: list(f) for s, f in files.items()},
         "build_seconds": round(seconds, 3),
-        "created": datetime.now(timezone.utc).isoformat(),
+        "created": datetime.now(UTC).isoformat(),
     }
     store.put(f"{plan.prefix}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
     return FeatureCache(dataset=plan.info.name, key=plan.key, prefix=plan.prefix, counts=counts, files=files,

@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,10 +43,9 @@ if TYPE_CHECKING:
     import onnx
     import onnxruntime
 
-    from heimdall.module import LocalizationModule
-
     from heimdall.catalog import Catalog
     from heimdall.data import HeimdallDataset
+    from heimdall.module import LocalizationModule
     from tuning.study.spaces import SearchSpace, TrialConfigs
 
 __all__ = [
@@ -397,7 +396,7 @@ def build_metadata(module: LocalizationModule, *, space: SearchSpace | None = No
         "outputs": {"position": "lat, lon degrees", "sigma": "east, north meters (1 sigma, calibrated)",
                     "rho": "east/north correlation", "ellipse": "semi-major m, semi-minor m, rotation deg "
                     "(major axis bearing clockwise from north) at ellipse_confidence"},
-        "created": created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": created or datetime.now(UTC).isoformat(timespec="seconds"),
         "git_revision": git_revision(),
         "heimdall_version": _version("heimdall-tune"),
     }

@@ -165,8 +165,9 @@ def run_storage(url: str, name: str, *, resume: bool) -> tuple[str, str]:
     Raises:
         AlreadyExistsError / NotFoundError: the experiment exists (new study) / is missing (resume).
     """
-    from heimdall.errors import AlreadyExistsError
     from ray import tune
+
+    from heimdall.errors import AlreadyExistsError
 
     store = open_store(url)
     state, detail = store_root(store)

@@ -32,7 +32,7 @@ from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrai
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from heimdall.errors import ConfigError, HeimdallError, collect_problems
+from heimdall.errors import HeimdallError, collect_problems
 from heimdall.metrics import NOMINAL_COVERAGE
 from heimdall.models import build_model
 from heimdall.module import LocalizationModule

@@ -31,7 +31,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -47,8 +47,8 @@ from heimdall.catalog import redact_url
 from heimdall.errors import AlreadyExistsError, ConfigError, NotFoundError, ServiceUnavailableError, collect_problems
 from heimdall.store import S3Settings, open_store
 from tuning.data.pipeline import READ_CONCURRENCY, READ_NUM_CPUS, FeatureCache
-from tuning.study.spaces import SearchSpace, to_optuna
 from tuning.settings import parse_duration, positive_float, positive_int, setting
+from tuning.study.spaces import SearchSpace, to_optuna
 from tuning.study.trial import EPOCHS_METRIC, OBJECTIVES, OPTUNA_NUMBER_KEY, Objective, TrialSpec, run_trial
 
 __all__ = [
@@ -974,7 +974,7 @@ def mark_interrupted(storage: optuna.storages.BaseStorage, name: str, tune_numbe
     """
     reconcile_optuna(storage, name, tune_numbers)
     study_id = storage.get_study_id_from_name(name)
-    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    when = datetime.now(UTC).isoformat(timespec="seconds")
     running = storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     for trial in running:
         storage.set_trial_system_attr(trial._trial_id, INTERRUPTED_ATTR, when)

@@ -12,7 +12,7 @@ import multiprocessing
 import socket
 import sqlite3
 import time
-from datetime import timezone
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -394,7 +394,7 @@ def test_bad_arrays_are_refused_before_anything_is_written(catalog):
         "rows out of range": {**good, "row": np.arange(10, dtype=np.int32) + 1},
         "wrong shard_index": {**good, "shard_index": np.full(10, 3)},
     }
-    for case, labels in bad_cases.items():
+    for labels in bad_cases.values():
         with pytest.raises(DataError, match="shard 0 of dataset 'v'"):
             catalog.add_shard(_shard("v", 0, 10), labels)
     with pytest.raises(DataError, match=r"shape \(9,\)"):
@@ -522,4 +522,4 @@ def test_open_catalog_rejects_other_urls_naming_the_accepted_forms(url):
 
 
 def test_created_at_is_utc(catalog):
-    assert _create(catalog, "utc").created_at.tzinfo == timezone.utc
+    assert _create(catalog, "utc").created_at.tzinfo == UTC

@@ -23,10 +23,10 @@ from tuning.ops.services import (
     ProcessIdentity,
     SeaweedServer,
     ServiceError,
-    pid_alive,
-    port_accepts,
     check_pg_dir_reachable,
     main,
+    pid_alive,
+    port_accepts,
 )
 
 

@@ -16,6 +16,8 @@ from heimdall.errors import AlreadyExistsError, ConfigError, DataError, ServiceU
 from heimdall.store import LocalStore, S3Settings
 from heimdall.store.s3 import S3Store
 from tests.tuning.mlflow_fixtures import MlflowServer, mlflow_server, save_checkpoint, tiny_export  # noqa: F401
+from tuning.ops.services import free_ports
+from tuning.register import main as register_main
 from tuning.release.onnx import GateFailed, ModelMetadata, ParityReport, ParityTolerances, file_sha256, load_checkpoint
 from tuning.release.publish import (
     FIRST_VERSION,
@@ -26,10 +28,8 @@ from tuning.release.publish import (
     publish,
     released_versions,
 )
-from tuning.release.stage import ExportRequest, RegistrySettings, export_and_register, register_export
-from tuning.register import main as register_main
 from tuning.release.registry import CHAMPION_ALIAS, REGISTERED_MODEL, Registry, StudyRecord, TrialRecord
-from tuning.ops.services import free_ports
+from tuning.release.stage import ExportRequest, RegistrySettings, export_and_register, register_export
 
 # -- versions and settings ------------------------------------------------------------------------------
 
@@ -200,7 +200,7 @@ def _predict(args: list[str], capsys: pytest.CaptureFixture[str]) -> list[dict]:
 
 @pytest.mark.postgres
 @pytest.mark.s3
-def test_the_whole_chain_against_mlflow_server_and_s3(tmp_path: Path, mlflow_server: MlflowServer,
+def test_the_whole_chain_against_mlflow_server_and_s3(tmp_path: Path, mlflow_server: MlflowServer,  # noqa: F811 (fixture)
                                                       s3_settings: S3Settings, monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     from mlflow import MlflowClient

@@ -26,18 +26,23 @@ from ray import tune
 from torch.utils.data import DataLoader, Dataset
 
 from heimdall.errors import ConfigError, DataError
-from heimdall.geometry import default_frame
 from heimdall.losses import LossConfig
 from heimdall.models import ResNetConfig, build_model
 from heimdall.module import LocalizationModule, OptimizerConfig, _lr_factor, _onecycle_pct_start
 from tuning.run import main
 from tuning.study.spaces import (
-    TrialConfigs, budget_overrides, build_configs, check_space_budget, fit_budget, load_space, validate_space,
+    TrialConfigs,
+    budget_overrides,
+    build_configs,
+    check_space_budget,
+    fit_budget,
+    load_space,
+    validate_space,
     with_overrides,
 )
-from tuning.train import _configs, build_parser
 from tuning.study.trial import TrialFailed, TrialSpec, deterministic_cause
 from tuning.study.tune import StudyConfig, plan_resources
+from tuning.train import _configs, build_parser
 
 TINY_RESNET = ResNetConfig(stage_depths=(1,), width=8, stem_channels=2, head_hidden=16, dropout=0.0)
 
