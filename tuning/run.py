@@ -1,41 +1,18 @@
 """Tune the localization network: ``python -m tuning.run --space resnet``.
 
-On a fresh machine with no services this starts a local Ray (with its
-dashboard), generates the default dataset on first use, builds its feature
-cache, runs a TPE + ASHA study with one line per epoch, then prints the best
-trials and writes ``summary.json`` and Optuna's plots to the study's output
-directory. Then the best trial's checkpoint is exported to ONNX, gated
-against PyTorch on the test split, published to the models store and
-registered in MLflow (:mod:`tuning.register`; ``--no-export`` skips it). Every
-setting has a default in :class:`tuning.study.tune.StudyConfig`.
+Resolve settings → prepare the dataset and its feature cache → search (Ray Tune +
+Optuna TPE + ASHA over Ray Train Lightning trials) → summarise → release the best
+trial (ONNX, parity gate, models store, MLflow). Design: docs/architecture.md.
 
 Commands to copy::
 
-    python -m tuning.run --space resnet                      # the default study (~30 min on 2 cores)
-    python -m tuning.run --space resnet --dry-run            # validate everything, print the plan, exit
+    python -m tuning.run --space resnet                      # the default study (~20 min on 2 cores)
+    python -m tuning.run --space resnet --dry-run            # check everything read-only, print the plan
     python -m tuning.run --smoke-test                        # tiny: 128 recordings, 2 trials, 1 epoch
-    python -m tuning.run --space setnet --trials 20 --max-epochs 10 --time-budget 2h --objective calibrated
-    python -m tuning.run --resume                            # continue the last study after a crash
-    python -m tuning.run --resume --name resnet-nll-20260101-120000
+    python -m tuning.run --resume --name resnet-nll-20260101-120000   # after a crash or Ctrl-C
 
-    # against the real services (``python -m tuning.services up`` starts them locally)
-    source .heimdall/services/env.sh
-    python -m tuning.run --space resnet \\
-        --catalog postgresql://postgres@127.0.0.1:5432/heimdall --store s3://heimdall-raw-iq \\
-        --optuna-storage postgresql://postgres@127.0.0.1:5432/heimdall \\
-        --storage-path s3://heimdall-runs --ray-address 10.0.0.5:6379
-
-Connections are resolved flag, then environment variable, then default (the table
-below, written by :func:`tuning.settings.settings_table`; every setting is
-declared once, in :mod:`tuning.settings` or :class:`~tuning.study.tune.StudyConfig`).
-
-Give PostgreSQL passwords through ``PGPASSWORD``, not in URLs: the Optuna
-URL is saved with the experiment state. Exit status: 0 done, 1 a Heimdall
-error (printed as one ``error: ...`` line, before any trial when it concerns
-settings or services), 2 a usage error, 130 interrupted (resume with
-``--resume``). When the study finished but the registration could not (S3 or
-MLflow down), the exit status is 1, the export stays in
-``{output}/NAME/export`` and the error names the one command that finishes it.
+Exit status: 0 done; 1 one ``error:`` line (settings and services fail before any
+trial); 2 usage; 130 interrupted (nothing exported; resume with the printed command).
 """
 from __future__ import annotations
 

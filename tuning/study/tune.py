@@ -1065,6 +1065,17 @@ class StudyProgress(tune.Callback):
                    f"({self.objective.metric} {_fmt(result.get(self.objective.metric))})")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        """Point at the error file of a failed trial."""
+        """Say why a trial failed (the last line of its error, e.g. a ``TrialFailed`` reason) and where the rest is."""
         where = getattr(trial, "error_file", None) or getattr(trial, "path", "")
-        self._line(f"{self._label(trial)} FAILED; details in {where}")
+        reason = _last_line(where) if where else ""
+        self._line(f"{self._label(trial)} FAILED{': ' + reason if reason else ''}; details in {where}")
+
+
+def _last_line(path: str) -> str:
+    """The last non-empty line of a trial's error file ('' when it cannot be read)."""
+    try:
+        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines()]
+    except OSError:
+        return ""
+    return next((line for line in reversed(lines) if line), "")[:300]
+

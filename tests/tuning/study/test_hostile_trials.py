@@ -302,3 +302,5 @@ def test_onecycle_batch_above_split_trains_and_a_deterministic_failure_is_tried_
     first, retry = errors.split("Failure # 2")
     assert "Failure # 1" in first and "TrialFailed: ConfigError:" in first and "not retried" not in first
     assert "not retried: the trial's first attempt failed" in retry and "Failure # 3" not in retry
+    failed_line = next(line for line in out.splitlines() if "#0 FAILED" in line)
+    assert "ConfigError" in failed_line, failed_line  # the reason is on the progress line, not only in a file
