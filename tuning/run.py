@@ -11,6 +11,8 @@ Commands to copy::
     python -m tuning.run --smoke-test                        # tiny: 128 recordings, 2 trials, 1 epoch
     python -m tuning.run --resume --name resnet-nll-20260101-120000   # after a crash or Ctrl-C
 
+Settings: flag, then environment variable, then default (the table below). Give
+PostgreSQL passwords through ``PGPASSWORD``, never in URLs (docs/security.md).
 Exit status: 0 done; 1 one ``error:`` line (settings and services fail before any
 trial); 2 usage; 130 interrupted (nothing exported; resume with the printed command).
 """
