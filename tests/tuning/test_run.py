@@ -138,7 +138,7 @@ def test_dry_run_prints_the_plan_and_the_space(tmp_path: Path, capsys: pytest.Ca
     assert main(["--space", "resnet", "--dry-run", "--data-dir", str(tmp_path), "--name", "plan"]) == 0
     out = capsys.readouterr().out
     for line in ("study      plan", "will generate 8000 recordings", "val/nll_km (min)", "trial(s) at a time",
-                 "dry run: checked", "the run will create: catalogue", "not checked: ray"):
+                 "dry run: settings and search space valid; found and checked: nothing yet", "the run will create: catalogue", "not checked: ray"):
         assert line in out, out
     assert "everything checked" not in out
     assert not tmp_path.exists() or not any(tmp_path.iterdir()), "the dry run created files"

@@ -61,7 +61,8 @@ class Preflight:
     def summary(self) -> str:
         """The closing lines: what was checked, what the run will create, what was not checked."""
         by = {s: [f.what for f in self.findings if f.state == s] for s in ("ok", "create", "unchecked")}
-        lines = [f"dry run: checked {', '.join(by['ok']) or 'nothing'}; created nothing"]
+        lines = [f"dry run: settings and search space valid; found and checked: {', '.join(by['ok']) or 'nothing yet'}; "
+                 f"created nothing"]
         if by["create"]:
             lines.append(f"         the run will create: {', '.join(by['create'])}")
         if by["unchecked"]:
