@@ -10,7 +10,8 @@ Model inverted, per recording (see :mod:`heimdall.scene`)::
 
     position x ~ inside_hull_fraction * U(hull) + (1 - inside_hull_fraction) * U(ring)
     P_tx       ~ U(tx_power_dbm)
-    P_rx,i     = mean_rx_power_dbm(P_tx, |x - s_i|, f) + X_i,   X_i ~ N(0, sigma^2)
+    P_rx,i     = mean_rx_power_dbm(P_tx, |x - s_i|, f) + X_i + D_i,
+                 X_i ~ N(0, sigma^2) shadowing,  D_i ~ N(0, s^2) unknown gain drift
     heard_i    = P_rx,i >= noise_floor_i + snr_threshold_db
 
 Likelihood of one recording given (x, P_tx): each heard receiver contributes the
@@ -28,10 +29,18 @@ Two facts the posterior relies on:
   observation alone. For an observation y in A,
   ``p(x | y, A) = p(x) p(y | x) 1_A(y) / p(y, A) ∝ p(x) p(y | x)``: the
   selection changes the marginal law of x in a dataset, not the posterior.
-- **Calibration-free powers.** The oracle is given the scene's true received
+- **Calibration-free powers.** The oracle is given the scene's received
   power (before each station's calibration offset): what a perfect power
   estimator would extract from the IQ once the network's fixed, known
-  calibration offsets are removed.
+  calibration offsets are removed. With gain drift on, that power still holds
+  the drift, as the IQ does; the drift is not given.
+- **The unknown gain drift is marginalised exactly.** ``D_i`` is Gaussian,
+  independent across recordings and stations and of ``X_i``, and the heard
+  flag depends on ``P_rx,i`` only (the drift moves the signal, not the noise),
+  so ``X_i + D_i ~ N(0, sigma^2 + s^2)`` and integrating the drift out leaves
+  the same likelihood with ``sigma`` replaced by ``hypot(sigma, s)``: in the
+  densities of heard powers and in the censoring probabilities alike. With
+  ``s = 0`` this is ``sigma`` exactly, so the drift-free oracle is unchanged.
 
 Positions are (east, north) km in :func:`heimdall.geometry.default_frame`.
 
@@ -179,6 +188,8 @@ class BayesOracle:
     def __init__(self, config: GeneratorConfig, oracle_config: OracleConfig | None = None) -> None:
         self.config = config
         self.oracle_config = oracle_config or OracleConfig()
+        # Shadowing and the unknown gain drift integrated out (module docstring).
+        self._sigma = float(np.hypot(config.shadowing_sigma_db, config.gain_drift_sigma_db))
         self.grid_km, prior = prior_grid(config, self.oracle_config)
         self._log_prior = np.log(prior)
         self._f_span = (min(b[0] for b in config.bands_hz), max(b[1] for b in config.bands_hz))
@@ -225,7 +236,7 @@ class BayesOracle:
     def _censoring_table(self) -> np.ndarray:
         """log P(not heard | cell, u) per receiver, (R, K, M) float32."""
         floor = station_params(self.config).noise_floor_dbm + self.config.snr_threshold_db
-        sigma = self.config.shadowing_sigma_db
+        sigma = self._sigma
         table = np.empty((len(STATIONS), len(self.grid_km), len(self._u)), dtype=np.float32)
         for j in range(len(STATIONS)):
             z = (floor[j] - self._gain[:, j, None] - self._u[None, :]) / sigma
@@ -349,7 +360,7 @@ class BayesOracle:
             log_post = self._log_power_marginal_exact(u_mean, n_heard, f)
         else:
             log_post = self._log_power_marginal_grid(u_mean, n_heard, f, censored)
-        log_post += self._log_prior[None] - 0.5 * resid_ss / self.config.shadowing_sigma_db**2
+        log_post += self._log_prior[None] - 0.5 * resid_ss / self._sigma**2
         log_post -= log_post.max(1, keepdims=True)
         w = np.exp(log_post)
         return w / w.sum(1, keepdims=True)
@@ -364,7 +375,7 @@ class BayesOracle:
         its ~1e-5 absolute error in log-likelihoods of order 1e2 changes no
         posterior weight measurably.
         """
-        coef = np.float32(-0.5 * n_heard / self.config.shadowing_sigma_db**2)
+        coef = np.float32(-0.5 * n_heard / self._sigma**2)
         log_w, cells = self._power_log_weights(f)
         log_w = log_w.astype(np.float32)[:, None, :]
         u = self._u[cells].astype(np.float32)
@@ -384,7 +395,7 @@ class BayesOracle:
         """The same integral in closed form when nobody is censored (most recordings):
         the integrand is a Gaussian in u of std sigma / sqrt(H) on [a, b] + offset(f)."""
         a, b = self.config.tx_power_dbm
-        scale = self.config.shadowing_sigma_db / np.sqrt(n_heard)
+        scale = self._sigma / np.sqrt(n_heard)
         off = self._offset_db(f)[:, None]
         return _log_normal_mass((a + off - u_mean) / scale, (b + off - u_mean) / scale)
 

@@ -8,7 +8,8 @@ here, so the oracle is the honest yardstick for any learned model.
 
 Model, per recording and receiver ``i`` at distance ``d_i`` from the transmitter::
 
-    P_rx,i = P_tx + G - FSPL(d0, f) - 10 n log10(d_i / d0) + X_i,   X_i ~ N(0, sigma^2)
+    P_rx,i = P_tx + G - FSPL(d0, f) - 10 n log10(d_i / d0) + X_i + D_i,
+             X_i ~ N(0, sigma^2),  D_i ~ N(0, gain_drift_sigma_db^2)
     SNR_i  = P_rx,i - N_i                                          (N_i: station noise floor)
     heard_i = SNR_i >= snr_threshold_db
 
@@ -19,6 +20,18 @@ which fewer than ``min_heard`` receivers hear are redrawn (a recording exists
 only if somebody heard it). Station calibration offsets (the error of each
 receiver's absolute level) and noise floors are fixed per station, drawn from
 ``station_seed``.
+
+Known and unknown gain. The calibration offset is fixed, so a network trained
+on one network's data learns it, and the oracle is told it: it is *known*.
+``D_i``, the gain drift, is *unknown*: drawn afresh for every recording and
+station (a WebSDR whose operator changes its gain, an antenna or feedline
+whose loss changes), independent of everything else. It acts on the signal
+path, ahead of the receiver's noise, so it moves the recorded signal level and
+the SNR but not the noise floor; a gain that also scaled the noise could be read
+off the (fixed, learnable) noise floor in the IQ, so it would not be unknown.
+``rx_power_dbm`` includes it: it is the power the station records, minus only
+its known calibration offset. With ``gain_drift_sigma_db = 0`` (the default)
+no drift is drawn and every scene is what it was before the setting existed.
 """
 from __future__ import annotations
 
@@ -62,6 +75,10 @@ class GeneratorConfig:
         band_weights: probability of each band.
     Receivers:
         calibration_sigma_db: std of each station's fixed absolute-level error.
+        gain_drift_sigma_db: std of the unknown signal-path gain drift, drawn
+            per recording and per station (Gaussian, dB; range 0-12, default 0:
+            no drift, today's fixed-gain world). Real WebSDR gains move by a few
+            dB; 3-6 dB is a realistic harder world.
         noise_floor_dbm: range from which each station's fixed noise floor is drawn
             (in the 12 kHz channel).
         snr_threshold_db: a receiver hears when its SNR reaches this.
@@ -92,6 +109,7 @@ class GeneratorConfig:
     bands_hz: tuple[tuple[float, float], ...] = ((144.0e6, 146.0e6), (430.0e6, 440.0e6))
     band_weights: tuple[float, ...] = (0.6, 0.4)
     calibration_sigma_db: float = 6.0
+    gain_drift_sigma_db: float = 0.0
     noise_floor_dbm: tuple[float, float] = (-128.0, -115.0)
     snr_threshold_db: float = 4.5
     min_heard: int = 1
@@ -132,6 +150,9 @@ class GeneratorConfig:
             p.append(f"shadowing_sigma_db must be > 0 (the oracle needs a proper likelihood), got {self.shadowing_sigma_db}")
         if self.calibration_sigma_db < 0:
             p.append(f"calibration_sigma_db must be >= 0, got {self.calibration_sigma_db}")
+        if not 0.0 <= self.gain_drift_sigma_db <= 12.0:
+            p.append(f"gain_drift_sigma_db must lie in [0, 12] dB, got {self.gain_drift_sigma_db}; "
+                     f"0 turns the drift off, 3-6 is realistic")
         rng_ok("tx_power_dbm", self.tx_power_dbm)
         rng_ok("noise_floor_dbm", self.noise_floor_dbm)
         rng_ok("deviation_hz", self.deviation_hz, 0.0, self.sample_rate_hz / 2)
@@ -274,10 +295,13 @@ class Scene:
         tx_power_dbm: transmit power, (N,).
         frequency_hz: carrier frequency, (N,).
         inside_hull: whether the transmitter lies inside the receivers' hull, (N,).
-        rx_power_dbm: true received power (after shadowing, before the station's
-            calibration offset), (N, R).
+        rx_power_dbm: received power as the station records it, after shadowing and
+            the unknown gain drift, before the station's known calibration offset, (N, R).
         snr_db: received power minus the station's noise floor, (N, R).
         heard: ``snr_db >= snr_threshold_db``, (N, R).
+        gain_drift_db: the unknown gain drift included in ``rx_power_dbm``, (N, R);
+            zeros when ``gain_drift_sigma_db`` is 0, None for scenes not drawn by
+            :func:`sample_scene`.
     """
 
     tx_east_km: np.ndarray
@@ -290,6 +314,7 @@ class Scene:
     rx_power_dbm: np.ndarray
     snr_db: np.ndarray
     heard: np.ndarray = field(repr=False)
+    gain_drift_db: np.ndarray | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return int(self.tx_east_km.shape[0])
@@ -351,11 +376,15 @@ def sample_scene(config: GeneratorConfig, n: int, rng: np.random.Generator) -> S
         dist = np.linalg.norm(pos[:, None, :] - stations[None], axis=-1)
         prx = mean_rx_power_dbm(config, ptx[:, None], dist, freq[:, None])
         prx = prx + rng.normal(0.0, config.shadowing_sigma_db, prx.shape)
+        # Drawn only when on, so a drift-free config consumes the same random stream as before.
+        drift = rng.normal(0.0, config.gain_drift_sigma_db, prx.shape) if config.gain_drift_sigma_db > 0 else np.zeros(prx.shape)
+        prx = prx + drift
         snr = prx - sp.noise_floor_dbm[None]
         heard = snr >= config.snr_threshold_db
         keep = heard.sum(1) >= config.min_heard
         keep &= np.cumsum(keep) <= need
-        parts.append(dict(pos=pos[keep], ptx=ptx[keep], freq=freq[keep], prx=prx[keep], snr=snr[keep], heard=heard[keep]))
+        parts.append(dict(pos=pos[keep], ptx=ptx[keep], freq=freq[keep], prx=prx[keep], snr=snr[keep], heard=heard[keep],
+                          drift=drift[keep]))
         need -= int(keep.sum())
     cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     lat, lon = frame.to_geographic(cat["pos"][:, 0], cat["pos"][:, 1])
@@ -370,4 +399,5 @@ def sample_scene(config: GeneratorConfig, n: int, rng: np.random.Generator) -> S
         rx_power_dbm=cat["prx"],
         snr_db=cat["snr"],
         heard=cat["heard"],
+        gain_drift_db=cat["drift"],
     )

@@ -32,6 +32,11 @@ Modelling decisions (each one is a choice, stated so it can be questioned):
 * **Calibration offset scales the whole receiver.** ``c_r`` is the station's
   absolute-level error (``calibration_offset_db``); it multiplies signal and
   noise alike, so the SNR is that of the scene.
+* **Gain drift moves the signal only.** The scene's unknown gain drift
+  (``GeneratorConfig.gain_drift_sigma_db``) is already part of
+  ``scene.rx_power_dbm``, so ``P_r`` carries it and the noise does not: the
+  recorded signal level and SNR move with it, the noise floor in the IQ stays
+  the station's (were it scaled too, the fixed floor would reveal the drift).
 * **Units.** ``|x|^2 = 1`` represents ``config.iq_reference_dbm`` dBm; the
   noise power is for the whole 12 kHz complex channel, mean
   ``|n|^2 = 10**((floor + cal - ref) / 10)``.

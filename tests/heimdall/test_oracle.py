@@ -271,3 +271,49 @@ def test_calibrated_ellipse_brings_coverage_to_nominal(oracle: BayesOracle, post
     assert abs(calibrated.coverage_2sigma - 0.8647) < 0.03 + 1.5 * math.sqrt(0.12 / len(mean))
     with pytest.raises(ValueError, match="ellipse must be"):
         oracle.posterior(s.rx_power_dbm, s.heard, s.frequency_hz, ellipse="round")
+
+
+# -- the unknown-gain world -----------------------------------------------------
+
+DRIFT = replace(CONFIG, gain_drift_sigma_db=5.0)
+
+
+@pytest.fixture(scope="module")
+def drift_scene() -> Scene:
+    return sample_scene(DRIFT, 400, np.random.default_rng(13))
+
+
+def test_without_drift_the_oracle_gives_the_numbers_it_gave_before_the_setting() -> None:
+    """Pinned from the oracle as it was before gain drift existed (same scene, same grid)."""
+    sc = sample_scene(CONFIG, 300, np.random.default_rng(5))
+    mean, cov = BayesOracle(replace(CONFIG, gain_drift_sigma_db=0.0)).posterior(sc.rx_power_dbm, sc.heard, sc.frequency_hz)
+    rep = localization_report(mean, cov, np.stack([sc.tx_east_km, sc.tx_north_km], axis=-1))
+    np.testing.assert_allclose(mean[0], [68.88211632040175, 33.54943930097418], rtol=1e-6)
+    np.testing.assert_allclose(cov[0], [[660.1584596200167, 194.84536725821636], [194.84536725821636, 741.5435993602954]],
+                               rtol=1e-6)
+    assert rep.median_km == pytest.approx(19.637291876637306, rel=1e-6)
+    assert (rep.coverage_1sigma, rep.coverage_2sigma) == (pytest.approx(134 / 300), pytest.approx(267 / 300))
+
+
+def test_drift_is_marginalised_as_wider_shadowing(drift_scene: Scene) -> None:
+    """Independent Gaussian drift adds its variance to the shadowing's, in the heard
+    densities and the censoring probabilities alike."""
+    sc = _head(drift_scene, 60)
+    wider = replace(CONFIG, shadowing_sigma_db=math.hypot(CONFIG.shadowing_sigma_db, DRIFT.gain_drift_sigma_db))
+    a = BayesOracle(DRIFT).posterior(sc.rx_power_dbm, sc.heard, sc.frequency_hz)
+    b = BayesOracle(wider).posterior(sc.rx_power_dbm, sc.heard, sc.frequency_hz)
+    np.testing.assert_allclose(a[0], b[0], atol=1e-9)
+    np.testing.assert_allclose(a[1], b[1], rtol=1e-9)
+
+
+def test_posterior_is_exactly_calibrated_with_unknown_gain(drift_scene: Scene) -> None:
+    oracle = BayesOracle(DRIFT)
+    z = _calibration_z(_posterior(oracle, drift_scene), oracle)
+    assert max(abs(v) for v in z.values()) < 3.5, z
+
+
+def test_oracle_that_assumes_known_gain_is_miscalibrated_in_the_drift_world(drift_scene: Scene) -> None:
+    """The check has power here too: the fixed-gain oracle is overconfident on drifting data."""
+    fixed = BayesOracle(CONFIG)
+    z = _calibration_z(_posterior(fixed, drift_scene), fixed)
+    assert min(z.values()) < -5.0, z

@@ -153,3 +153,40 @@ def test_plane_distance_agrees_with_haversine_over_the_generator_area():
     assert np.hypot(np.diff(east), np.diff(north))[0] == pytest.approx(
         float(haversine_km(STATIONS[2].lat, STATIONS[2].lon, STATIONS[6].lat, STATIONS[6].lon)), rel=1e-3
     )
+
+
+def test_gain_drift_off_by_default_and_in_old_configs():
+    """Datasets generated before the setting existed keep their meaning: a config
+    dict without the key reads as no drift, and no drift draws the same scene."""
+    old = GeneratorConfig().to_dict()
+    del old["gain_drift_sigma_db"]
+    assert GeneratorConfig.from_dict(old).gain_drift_sigma_db == 0.0
+    scene = sample_scene(GeneratorConfig(), 50, np.random.default_rng(7))
+    assert np.array_equal(scene.gain_drift_db, np.zeros((50, len(STATIONS))))
+    drifting = sample_scene(GeneratorConfig(gain_drift_sigma_db=4.0), 50, np.random.default_rng(7))
+    # Positions and powers are drawn before the drift, so the first recordings share them.
+    assert np.array_equal(drifting.tx_east_km[:5], scene.tx_east_km[:5])
+    assert not np.array_equal(drifting.rx_power_dbm, scene.rx_power_dbm)
+
+
+@pytest.mark.parametrize("bad", [-1.0, 12.5])
+def test_gain_drift_sigma_out_of_range_is_rejected(bad):
+    with pytest.raises(ConfigError, match=r"gain_drift_sigma_db must lie in \[0, 12\]"):
+        GeneratorConfig(gain_drift_sigma_db=bad)
+
+
+def test_gain_drift_is_gaussian_per_recording_and_station_and_moves_power_and_snr():
+    sigma = 5.0
+    config = GeneratorConfig(gain_drift_sigma_db=sigma, **EVERYONE_HEARS)
+    scene = sample_scene(config, 3000, np.random.default_rng(9))
+    drift = scene.gain_drift_db
+    assert abs(drift.mean()) < 4.0 * sigma / np.sqrt(drift.size)
+    assert abs(drift.std() / sigma - 1.0) < 0.03
+    assert np.abs(np.corrcoef(drift.T) - np.eye(len(STATIONS))).max() < 0.08  # independent stations
+    # The recorded power holds shadowing plus drift: its spread about the model's mean is their sum.
+    mean_rx = mean_rx_power_dbm(config, scene.tx_power_dbm[:, None], distances_km(scene), scene.frequency_hz[:, None])
+    assert abs((scene.rx_power_dbm - mean_rx).std() / np.hypot(config.shadowing_sigma_db, sigma) - 1.0) < 0.03
+    assert abs((scene.rx_power_dbm - drift - mean_rx).std() / config.shadowing_sigma_db - 1.0) < 0.03
+    floor = station_params(config).noise_floor_dbm
+    assert np.array_equal(scene.snr_db, scene.rx_power_dbm - floor)
+    assert np.array_equal(scene.heard, scene.snr_db >= config.snr_threshold_db)

@@ -173,3 +173,16 @@ def test_carrier_offset_appears_where_expected():
     assert np.ptp(common, axis=1).max() < 10.0
     assert np.abs(common).max() < 2.5e-6 * freq + 5.0
     assert np.std(common[:, 0]) > 50.0  # it does vary between recordings
+
+
+def test_gain_drift_reaches_the_recorded_signal_level():
+    """The unknown drift is in the IQ (features see it) and in rx_power_dbm alike."""
+    config = GeneratorConfig(gain_drift_sigma_db=6.0)
+    rec = generate(config, 150, seed=22)
+    sp = station_params(config)
+    estimate = band_power_dbm(rec.iq, config, sp.noise_floor_dbm + sp.calibration_offset_db) - sp.calibration_offset_db
+    heard = rec.scene.heard & (rec.scene.snr_db > 10.0)
+    drift = rec.scene.gain_drift_db[heard]
+    assert np.median(np.abs(estimate[heard] - rec.scene.rx_power_dbm[heard])) < 0.5
+    slope = np.polyfit(drift, estimate[heard] - (rec.scene.rx_power_dbm[heard] - drift), 1)[0]
+    assert abs(slope - 1.0) < 0.02
