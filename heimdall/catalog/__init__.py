@@ -12,7 +12,8 @@ Accepted URLs (SQLAlchemy's conventions, like MLflow's):
   default (:class:`SQLiteCatalog`); a plain path ending in ``.db``, ``.sqlite``
   or ``.sqlite3`` means the same.
 * ``postgresql://user@host:5432/db`` (also ``postgres://``,
-  ``postgresql+psycopg2://``): :class:`PostgresCatalog`, schema ``heimdall``.
+  ``postgresql+psycopg2://``): :class:`PostgresCatalog`, schema ``heimdall_tune`` (it can share
+  a Heimdall database: upstream's schema ``heimdall`` is left alone).
 
 Commands that only read open it with ``read_only=True``: then nothing is
 created (no file, no directory, no schema, no table) and a missing catalogue is

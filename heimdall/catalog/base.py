@@ -116,9 +116,12 @@ class RecordingColumn:
 
 #: Label arrays of N recordings; R = len(STATIONS). ``add_shard`` takes all of
 #: them except ``shard_index`` (it comes from the :class:`ShardInfo`; if given it
-#: must match), ``recordings()`` returns all of them.
+#: must match) and ``split_group`` (``recording_id`` when absent), ``recordings()``
+#: returns all of them.
 RECORDING_COLUMNS: dict[str, RecordingColumn] = {
     "recording_id": RecordingColumn("int64", False, False, "dataset-wide unique id, >= 0"),
+    "split_group": RecordingColumn("int64", False, False, "recordings of one group share a split, >= 0 "
+                                                          "(see heimdall.datasets.split_codes)"),
     "shard_index": RecordingColumn("int32", False, False, "index of the shard holding the IQ"),
     "row": RecordingColumn("int32", False, False, "row of the recording within its shard"),
     "tx_lat": RecordingColumn("float64", False, True, "transmitter latitude, degrees N (NaN: unknown)"),
@@ -133,7 +136,7 @@ RECORDING_COLUMNS: dict[str, RecordingColumn] = {
     "iq_samples_count": RecordingColumn("int64", False, False, "IQ samples per station, >= 1"),
 }
 
-_DERIVED = ("shard_index",)
+_DERIVED = ("shard_index", "split_group")
 
 
 @runtime_checkable
@@ -160,13 +163,26 @@ class Catalog(Protocol):
         ...
 
     def initialize(self) -> None:
-        """Create the schema and tables and upsert the receivers; idempotent and
-        safe to run from several processes at once (other methods run it once
-        themselves on first use, unless the catalogue was opened read-only).
+        """Create the schema and tables, upgrade an older catalogue (:meth:`migrate`) and
+        upsert the receivers; idempotent and safe to run from several processes at once
+        (other methods run it once themselves on first use, unless the catalogue was
+        opened read-only).
 
         Raises:
             DataError: the catalogue was written by a newer schema version, or the
                 database holds other tables and is not a Heimdall Tune catalogue.
+        """
+        ...
+
+    def migrate(self) -> list[str]:
+        """What :meth:`initialize` does, reporting it: moves an older layout into place and
+        upgrades it to the current schema version, in one transaction.
+
+        Returns:
+            One line per change made; empty when the catalogue was already current.
+
+        Raises:
+            Same as :meth:`initialize`.
         """
         ...
 
@@ -233,6 +249,27 @@ class Catalog(Protocol):
         """
         ...
 
+    def reopen_dataset(
+        self, name: str, *, planned_recordings: int | None = None, config: dict[str, Any] | None = None
+    ) -> DatasetInfo:
+        """Make a complete *imported* dataset pending again, so that an incremental import can
+        append shards and mark it complete once more (a no-op on the status of a pending one).
+
+        Args:
+            name: the dataset.
+            planned_recordings: its new total, >= the recordings it holds (unchanged when None).
+            config: its new import metadata (unchanged when None).
+
+        Returns:
+            The dataset's info, pending.
+
+        Raises:
+            NotFoundError: no such dataset.
+            DataError: it is synthetic (fixed by its seed: generate another dataset instead).
+            ConfigError: a total below the recordings it holds, or a config that is not JSON.
+        """
+        ...
+
     def delete_dataset(self, name: str) -> None:
         """Delete a dataset with its shards, recordings and measurements.
 
@@ -279,6 +316,8 @@ def _check_values(a: dict[str, np.ndarray], n: int, where: str) -> None:
     problems = []
     if (a["recording_id"] < 0).any():
         problems.append("'recording_id' must be >= 0")
+    if (a["split_group"] < 0).any():
+        problems.append("'split_group' must be >= 0")
     if np.unique(a["recording_id"]).size != n:
         problems.append("'recording_id' must be unique")
     if ((a["row"] < 0) | (a["row"] >= n)).any() or np.unique(a["row"]).size != n:
@@ -296,7 +335,7 @@ def check_recordings(shard: ShardInfo, recordings: dict[str, np.ndarray]) -> dic
 
     Args:
         shard: the shard they belong to (gives ``n_rows`` and ``shard_index``).
-        recordings: label arrays; ``shard_index`` is optional.
+        recordings: label arrays; ``shard_index`` and ``split_group`` are optional.
 
     Returns:
         Every column of :data:`RECORDING_COLUMNS`, cast to its dtype.
@@ -311,7 +350,8 @@ def check_recordings(shard: ShardInfo, recordings: dict[str, np.ndarray]) -> dic
     unknown = sorted(set(recordings) - set(RECORDING_COLUMNS))
     if missing or unknown:
         raise DataError(
-            f"{where}: recording arrays must be exactly {sorted(required)} (plus optional 'shard_index'); "
+            f"{where}: recording arrays must be exactly {sorted(required)} (plus optional 'shard_index' "
+            f"and 'split_group'); "
             f"missing {missing}, unknown {unknown}"
         )
     n = shard.n_rows
@@ -321,5 +361,7 @@ def check_recordings(shard: ShardInfo, recordings: dict[str, np.ndarray]) -> dic
     if "shard_index" in out and (out["shard_index"] != shard.index).any():
         raise DataError(f"{where}: 'shard_index' must equal the shard's index {shard.index} on every row")
     out["shard_index"] = np.full(n, shard.index, dtype=np.int32)
+    if "split_group" not in out:
+        out["split_group"] = out["recording_id"]  # no group given: each recording is split on its own
     _check_values(out, n, where)
     return {k: out[k] for k in RECORDING_COLUMNS}

@@ -1,4 +1,14 @@
-"""The catalogue in PostgreSQL, schema ``heimdall`` (Heimdall's upstream schema name).
+"""The catalogue in PostgreSQL, schema ``heimdall_tune``.
+
+A schema of our own, so that the catalogue can live in a Heimdall database beside
+upstream's schema ``heimdall``, whose tables (``websdr_stations``, ``models``, ...)
+have names like ours and other columns: upstream's schema is never read, altered or
+counted. Only a version-1 catalogue of ours there is recognised (by our
+``heimdall.schema_version`` table and a ``heimdall.websdr_stations`` with our
+``array_index`` column, both looked up in ``information_schema``), and
+:meth:`~heimdall.catalog.sql.SQLCatalog.migrate` (any writer, or
+``python -m tuning.data migrate``) moves its seven tables here, when this schema
+holds none of them yet.
 
 psycopg2 is imported when a catalogue is opened, not at import time. Bulk
 inserts go through ``psycopg2.extras.execute_values``. ``initialize()`` takes a
@@ -6,9 +16,10 @@ transaction-scoped advisory lock so that several processes can run it at once.
 A password may sit in the URL or, better, in ``PGPASSWORD``; it never appears in
 :meth:`PostgresCatalog.describe` or in any error message.
 
-Only the ``heimdall`` schema counts as the catalogue: other schemas of the same
-database (Optuna's or MLflow's tables in ``public``) are never looked at. A
-read-only catalogue runs in read-only sessions and never creates the schema.
+Only the ``heimdall_tune`` schema counts as the catalogue: other schemas of the
+same database (Optuna's or MLflow's tables in ``public``, upstream's ``heimdall``)
+are never looked at. A read-only catalogue runs in read-only sessions and never
+creates the schema.
 """
 from __future__ import annotations
 
@@ -18,12 +29,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from heimdall.catalog.sql import SQLCatalog, redact_url
+from heimdall.catalog.sql import TABLES, SQLCatalog, redact_url
 from heimdall.errors import ConfigError, ServiceUnavailableError
 
-__all__ = ["PostgresCatalog", "SCHEMA"]
+__all__ = ["LEGACY_SCHEMA", "PostgresCatalog", "SCHEMA"]
 
-SCHEMA = "heimdall"
+SCHEMA = "heimdall_tune"
+#: Where version 1 kept our tables: upstream Heimdall's own schema.
+LEGACY_SCHEMA = "heimdall"
 _INIT_LOCK = 0x48454D44  # arbitrary advisory-lock key ("HEMD") serialising initialize()
 _FIX = "fix: start it with `python -m tuning.services up`, or check HEIMDALL_CATALOG / --catalog"
 
@@ -108,16 +121,32 @@ class PostgresCatalog(SQLCatalog):
         if not self._conn.closed:
             self._conn.rollback()
 
-    def _prepare_schema(self, cur: Any) -> None:
+    def _prepare_schema(self, cur: Any) -> list[str]:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (_INIT_LOCK,))
         cur.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
+        if not self._legacy(cur):
+            return []
+        # ALTER TABLE ... SET SCHEMA keeps rows, constraints, indexes and identity sequences.
+        moved = sorted(TABLES & _tables_in(cur, LEGACY_SCHEMA))
+        for table in moved:
+            cur.execute(f"ALTER TABLE {LEGACY_SCHEMA}.{table} SET SCHEMA {SCHEMA}")
+        return [f"moved the version-1 catalogue's {len(moved)} tables ({', '.join(moved)}) from schema "
+                f"{LEGACY_SCHEMA!r} to {SCHEMA!r}"]
+
+    def _legacy(self, cur: Any) -> str | None:
+        """A version-1 catalogue in schema ``heimdall`` while ours holds none of its tables."""
+        if TABLES & _tables_in(cur, SCHEMA):
+            return None
+        cur.execute("SELECT 1 FROM information_schema.columns WHERE table_schema = %s "
+                    "AND table_name = 'websdr_stations' AND column_name = 'array_index'", (LEGACY_SCHEMA,))
+        ours = cur.fetchone() is not None and "schema_version" in _tables_in(cur, LEGACY_SCHEMA)
+        return f"a version-1 catalogue in schema {LEGACY_SCHEMA!r}" if ours else None
 
     def _where(self) -> str:
         return f"schema {SCHEMA!r} of the PostgreSQL database"
 
     def _table_names(self, cur: Any) -> set[str]:
-        cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (SCHEMA,))
-        return {row[0] for row in cur.fetchall()}
+        return _tables_in(cur, SCHEMA)
 
     def _insert_many(self, cur: Any, table: str, columns: Sequence[str], values: list[list[Any]]) -> None:
         # COPY is several times faster than INSERT ... VALUES (execute_values) for a
@@ -127,6 +156,12 @@ class PostgresCatalog(SQLCatalog):
 
     def _close_connection(self) -> None:
         self._conn.close()
+
+
+def _tables_in(cur: Any, schema: str) -> set[str]:
+    """Names of the tables and views in ``schema``, from ``information_schema`` (no table is read)."""
+    cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (schema,))
+    return {row[0] for row in cur.fetchall()}
 
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})

@@ -1,6 +1,7 @@
 """The catalogue logic both SQL backends share: schema, queries and row mapping.
 
-The schema stays close to Heimdall's upstream PostgreSQL schema ``heimdall``:
+The tables borrow the names of Heimdall's upstream PostgreSQL schema ``heimdall``
+(but live apart from it: see :mod:`heimdall.catalog.postgres`):
 
 * ``websdr_stations``: the receivers of :data:`heimdall.receivers.STATIONS`
   (``id`` is the short station id; ``array_index`` its column in every (N, R) array).
@@ -8,7 +9,8 @@ The schema stays close to Heimdall's upstream PostgreSQL schema ``heimdall``:
   yet: every synthetic recording has its own transmitter, so its truth lives in
   the ``source_*`` columns of its session row; ``known_source_id`` can point at a
   beacon when real captures of known transmitters are imported.
-* ``recording_sessions``: one row per recording, with the transmitter truth
+* ``recording_sessions``: one row per recording, with its ``split_group`` (recordings
+  of one group always share a split; NULL reads as its ``recording_id``), the transmitter truth
   (``source_latitude``, ``source_longitude``, ``source_power_dbm``,
   ``frequency_hz``, ``inside_hull``; NULL = unknown) and where its IQ lies
   (``shard_index``, ``row_index``).
@@ -16,7 +18,9 @@ The schema stays close to Heimdall's upstream PostgreSQL schema ``heimdall``:
   (received power, dBm), ``snr_db``, ``heard``, ``iq_data_location``
   (``"{shard key}#{row}"``), ``iq_sample_rate``, ``iq_samples_count``.
 * ``datasets`` and ``shards`` (object key, SHA-256, row and byte counts), and
-  ``schema_version``.
+  ``schema_version``: one row per version applied; :meth:`SQLCatalog.migrate`
+  upgrades an older catalogue step by step (:data:`SCHEMA_VERSION`), read-only
+  commands refuse it with that fix.
 
 Deleting a dataset cascades datasets -> shards -> recording_sessions -> measurements.
 NaN labels are stored as SQL NULL and read back as NaN.
@@ -51,12 +55,16 @@ from heimdall.catalog.base import (
     ShardInfo,
     check_recordings,
 )
-from heimdall.errors import AlreadyExistsError, DataError, HeimdallError, NotFoundError, collect_problems
+from heimdall.errors import AlreadyExistsError, ConfigError, DataError, HeimdallError, NotFoundError, collect_problems
 from heimdall.receivers import STATIONS
 
-__all__ = ["SCHEMA_VERSION", "SQLCatalog", "redact_url"]
+__all__ = ["SCHEMA_VERSION", "SQLCatalog", "TABLES", "redact_url"]
 
-SCHEMA_VERSION = 1
+#: 1: the first layout; 2: ``recording_sessions.split_group`` (and, in PostgreSQL, schema ``heimdall_tune``).
+SCHEMA_VERSION = 2
+#: Every table of a catalogue: the only ones a migration moves or alters.
+TABLES = frozenset(("schema_version", "websdr_stations", "known_sources", "datasets", "shards",
+                    "recording_sessions", "measurements"))
 
 _VERSION_TABLE = "CREATE TABLE IF NOT EXISTS {p}schema_version (version INTEGER PRIMARY KEY, applied_at {ts} NOT NULL)"
 _TABLES = (
@@ -102,6 +110,7 @@ _TABLES = (
         shard_index INTEGER NOT NULL,
         row_index INTEGER NOT NULL CHECK (row_index >= 0),
         recording_id BIGINT NOT NULL CHECK (recording_id >= 0),
+        split_group BIGINT,
         known_source_id BIGINT REFERENCES {p}known_sources (id),
         source_latitude DOUBLE PRECISION,
         source_longitude DOUBLE PRECISION,
@@ -125,6 +134,16 @@ _TABLES = (
         PRIMARY KEY (recording_session_id, websdr_station_id))""",
 )
 
+# Schema upgrades: version -> (what it does, statements) bringing a catalogue to version + 1.
+# Version 1 had no split_group: each of its recordings was split on its own, so the
+# backfill keeps every existing split where it was.
+_UPGRADES: dict[int, tuple[str, tuple[str, ...]]] = {
+    1: ("added recording_sessions.split_group (set to recording_id: splits unchanged)", (
+        "ALTER TABLE {p}recording_sessions ADD COLUMN split_group BIGINT",
+        "UPDATE {p}recording_sessions SET split_group = recording_id",
+    )),
+}
+
 _DATASET_SELECT = """SELECT d.name, d.status, d.kind, d.config, d.seed, d.planned_recordings,
         d.shard_size, d.store, d.created_at, d.completed_at,
         (SELECT COUNT(*) FROM {p}recording_sessions r WHERE r.dataset_id = d.id),
@@ -132,7 +151,7 @@ _DATASET_SELECT = """SELECT d.name, d.status, d.kind, d.config, d.seed, d.planne
     FROM {p}datasets d"""
 
 _SESSION_COLUMNS = (
-    "dataset_id", "shard_index", "row_index", "recording_id", "source_latitude",
+    "dataset_id", "shard_index", "row_index", "recording_id", "split_group", "source_latitude",
     "source_longitude", "source_power_dbm", "frequency_hz", "inside_hull",
 )
 _MEASUREMENT_COLUMNS = (
@@ -205,8 +224,14 @@ class SQLCatalog(ABC):
     def _close_connection(self) -> None:
         """Close the driver's connection."""
 
-    def _prepare_schema(self, cur: Any) -> None:  # noqa: B027 - an optional hook, not an abstract step
-        """Statements run first in :meth:`initialize` (schema, locks); none by default."""
+    def _prepare_schema(self, cur: Any) -> list[str]:
+        """Statements run first in :meth:`migrate` (schema, locks, moving an old layout);
+        returns what they changed, for the migration report. None by default."""
+        return []
+
+    def _legacy(self, cur: Any) -> str | None:
+        """Where an old catalogue lies that :meth:`migrate` would move here, if any; looks only."""
+        return None
 
     @abstractmethod
     def _table_names(self, cur: Any) -> set[str]:
@@ -252,19 +277,26 @@ class SQLCatalog(ABC):
         Raises:
             CatalogMissingError: there is no catalogue yet (no file, no tables); the message says how
                 to create one (a :class:`~heimdall.errors.NotFoundError`).
-            DataError: the database holds other tables but is not a Heimdall Tune catalogue, or
-                it has a newer schema version than this code.
+            DataError: the database holds other tables but is not a Heimdall Tune catalogue, it
+                has a newer schema version than this code, or an older one (the fix names
+                ``python -m tuning.data migrate``).
             ServiceUnavailableError: the database cannot be reached.
         """
         with self._transaction() as cur:
             tables = self._table_names(cur)
             if not tables:
+                legacy = self._legacy(cur)
+                if legacy:
+                    raise self._old_error(legacy)
                 raise self._missing_error(f"{self._where()} holds no tables")
-            self._schema_version(cur, tables)
+            version = self._schema_version(cur, tables)
+            if version is not None and version < SCHEMA_VERSION:
+                raise self._old_error(f"schema version {version}")
         self._initialized = True
 
     def initialize(self) -> None:
-        """Create the tables and upsert the receivers; idempotent, multi-process safe.
+        """Create the tables, upgrade an older catalogue and upsert the receivers; idempotent,
+        multi-process safe (see :meth:`migrate`).
 
         Raises:
             DataError: the database holds other tables but is not a Heimdall Tune catalogue
@@ -272,19 +304,47 @@ class SQLCatalog(ABC):
             ServiceUnavailableError: the database cannot be reached.
             HeimdallError: the catalogue was opened read-only.
         """
+        self.migrate()
+
+    def migrate(self) -> list[str]:
+        """Bring the catalogue to :data:`SCHEMA_VERSION` in one transaction: move an old layout
+        into place, run the schema upgrades, create what is missing, upsert the receivers.
+
+        Returns:
+            What was changed, one line per step; empty when the catalogue was current
+            (creating a new catalogue is reported too).
+
+        Raises:
+            Same as :meth:`initialize`.
+        """
         self._refuse_read_only("initialize")
         with self._transaction(write=True) as cur:
-            self._prepare_schema(cur)
+            done = self._prepare_schema(cur)
             tables = self._table_names(cur)
             version = self._schema_version(cur, tables) if tables else None
+            if version is not None:
+                done += self._upgrade(cur, version)
             cur.execute(self._q(_VERSION_TABLE))
             for ddl in _TABLES:
                 cur.execute(self._q(ddl))
             if version is None:
                 cur.execute(self._q("INSERT INTO {p}schema_version (version, applied_at) VALUES (?, ?)"),
                             (SCHEMA_VERSION, self._ts_in(_now())))
+                done.append(f"created a catalogue of schema version {SCHEMA_VERSION} in {self._where()}")
             self._upsert_stations(cur)
         self._initialized = True
+        return done
+
+    def _upgrade(self, cur: Any, version: int) -> list[str]:
+        done = []
+        for v in range(version, SCHEMA_VERSION):
+            what, statements = _UPGRADES[v]
+            for sql in statements:
+                cur.execute(self._q(sql))
+            cur.execute(self._q("INSERT INTO {p}schema_version (version, applied_at) VALUES (?, ?)"),
+                        (v + 1, self._ts_in(_now())))
+            done.append(f"schema version {v} -> {v + 1}: {what}")
+        return done
 
     def _upsert_stations(self, cur: Any) -> None:
         sql = self._q(
@@ -313,6 +373,13 @@ class SQLCatalog(ABC):
                 f"{SCHEMA_VERSION}; fix: upgrade heimdall-tune, or point HEIMDALL_CATALOG at another catalogue"
             )
         return version
+
+    def _old_error(self, what: str) -> DataError:
+        return DataError(
+            f"catalogue {self.describe()} holds {what}; this code reads schema version {SCHEMA_VERSION} "
+            f"only, and a read-only command changes nothing; fix: upgrade it once with "
+            f"`python -m tuning.data migrate --catalog {self.describe()}` (generate and import upgrade it too)"
+        )
 
     def _missing_error(self, why: str) -> CatalogMissingError:
         return CatalogMissingError(
@@ -398,6 +465,30 @@ class SQLCatalog(ABC):
             cur.execute(self._q("UPDATE {p}datasets SET status = 'complete', completed_at = ? WHERE id = ?"),
                         (self._ts_in(_now()), dataset_id))
 
+    def reopen_dataset(
+        self, name: str, *, planned_recordings: int | None = None, config: dict[str, Any] | None = None
+    ) -> DatasetInfo:
+        """Make a complete imported dataset pending again (see :class:`~heimdall.catalog.base.Catalog`)."""
+        config_json = None if config is None else _config_json(name, config)
+        with self._ready(write=True) as cur:
+            cur.execute(self._q("SELECT d.id, d.kind, (SELECT COUNT(*) FROM {p}recording_sessions r "
+                                "WHERE r.dataset_id = d.id) FROM {p}datasets d WHERE d.name = ?" + self._update_lock),
+                        (name,))
+            row = cur.fetchone()
+            if row is None:
+                raise self._not_found(cur, name)
+            dataset_id, kind, have = int(row[0]), row[1], int(row[2])
+            _check_reopen(name, kind, have, planned_recordings)
+            sets, values = ["status = 'pending'", "completed_at = NULL"], []
+            if planned_recordings is not None:
+                sets.append("planned_recordings = ?")
+                values.append(int(planned_recordings))
+            if config_json is not None:
+                sets.append("config = ?")
+                values.append(config_json)
+            cur.execute(self._q(f"UPDATE {{p}}datasets SET {', '.join(sets)} WHERE id = ?"), (*values, dataset_id))
+        return self.get_dataset(name)
+
     def delete_dataset(self, name: str) -> None:
         """Delete a dataset and everything below it (see :class:`~heimdall.catalog.base.Catalog`)."""
         with self._ready(write=True) as cur:
@@ -449,7 +540,7 @@ class SQLCatalog(ABC):
         n = a["recording_id"].shape[0]
         columns = [
             [dataset_id] * n, a["shard_index"].tolist(), a["row"].tolist(), a["recording_id"].tolist(),
-            _nullable(a["tx_lat"]), _nullable(a["tx_lon"]), _nullable(a["tx_power_dbm"]),
+            a["split_group"].tolist(), _nullable(a["tx_lat"]), _nullable(a["tx_lon"]), _nullable(a["tx_power_dbm"]),
             _nullable(a["frequency_hz"]), a["inside_hull"].tolist(),
         ]
         self._insert_many(cur, "recording_sessions", _SESSION_COLUMNS, columns)
@@ -498,7 +589,8 @@ class SQLCatalog(ABC):
         with self._ready() as cur:
             dataset_id = self._dataset_id(cur, name)
             cur.execute(self._q(
-                "SELECT id, recording_id, shard_index, row_index, source_latitude, source_longitude, "
+                "SELECT id, recording_id, shard_index, row_index, COALESCE(split_group, recording_id), "
+                "source_latitude, source_longitude, "
                 "source_power_dbm, frequency_hz, inside_hull FROM {p}recording_sessions "
                 "WHERE dataset_id = ? ORDER BY recording_id"), (dataset_id,))
             sessions = cur.fetchall()
@@ -583,15 +675,34 @@ def _check_dataset_request(
     if not isinstance(store, str) or not store:
         p.append(f"store must be the blob store's describe() string, got {store!r}")
     text = ""
-    if not isinstance(config, dict):
-        p.append(f"config must be a dict, got {type(config).__name__}")
-    else:
-        try:
-            text = json.dumps(config, allow_nan=False, sort_keys=True)
-        except (TypeError, ValueError) as e:
-            p.append(f"config must be plain JSON (str keys, lists, numbers, no NaN): {e}")
+    try:
+        text = _config_json(name, config)
+    except ConfigError as e:
+        p.extend(e.problems)
     collect_problems(f"dataset {name!r}", p)
     return text
+
+
+def _config_json(name: str, config: Any) -> str:
+    if not isinstance(config, dict):
+        raise ConfigError(f"dataset {name!r}", [f"config must be a dict, got {type(config).__name__}"])
+    try:
+        return json.dumps(config, allow_nan=False, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"dataset {name!r}", [f"config must be plain JSON (str keys, lists, numbers, no NaN): {e}"]) from None
+
+
+def _check_reopen(name: str, kind: str, have: int, planned: int | None) -> None:
+    if kind != "imported":
+        raise DataError(
+            f"dataset {name!r} is {kind}: only imported datasets can be reopened to append shards (a synthetic "
+            f"dataset is fixed by its seed and settings); fix: generate a new dataset with another --dataset name"
+        )
+    if planned is not None and (not isinstance(planned, int | np.integer) or planned < have):
+        raise ConfigError(f"dataset {name!r}", [
+            f"planned_recordings must be an int >= the {have} recordings it holds (shards are only "
+            f"appended), got {planned!r}"
+        ])
 
 
 def _check_shard_info(shard: ShardInfo) -> None:
@@ -616,7 +727,7 @@ def _assemble(name: str, sessions: list[tuple[Any, ...]], measurements: list[tup
             f"dataset {name!r}: {len(measurements)} measurements for {n} recordings x {r} stations in the "
             f"catalogue; fix: delete the dataset (`python -m tuning.data delete {name}`) and regenerate it"
         )
-    s = list(zip(*sessions)) or [()] * 9
+    s = list(zip(*sessions)) or [()] * 10
     m = list(zip(*measurements)) or [()] * 7
     session_ids = np.array(s[0], dtype=np.int64)
     by_id = np.argsort(session_ids)
@@ -632,11 +743,12 @@ def _assemble(name: str, sessions: list[tuple[Any, ...]], measurements: list[tup
         "recording_id": np.array(s[1], dtype=np.int64),
         "shard_index": np.array(s[2], dtype=np.int32),
         "row": np.array(s[3], dtype=np.int32),
-        "tx_lat": _floats(s[4]),
-        "tx_lon": _floats(s[5]),
-        "tx_power_dbm": _floats(s[6]),
-        "frequency_hz": _floats(s[7]),
-        "inside_hull": np.array(s[8], dtype=bool),
+        "split_group": np.array(s[4], dtype=np.int64),
+        "tx_lat": _floats(s[5]),
+        "tx_lon": _floats(s[6]),
+        "tx_power_dbm": _floats(s[7]),
+        "frequency_hz": _floats(s[8]),
+        "inside_hull": np.array(s[9], dtype=bool),
         "rx_power_dbm": grid(m[2], "float32"),
         "snr_db": grid(m[3], "float32"),
         "heard": grid(m[4], "bool"),

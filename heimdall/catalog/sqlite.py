@@ -68,9 +68,9 @@ class SQLiteCatalog(SQLCatalog):
         except (OSError, sqlite3.Error) as e:
             raise ServiceUnavailableError(f"cannot open the SQLite catalogue {self.describe()}: {e}; {_FIX}") from None
 
-    def initialize(self) -> None:
-        """Switch a new or existing catalogue file to WAL, then create the tables (see
-        :meth:`SQLCatalog.initialize`); a file that is not ours is refused before either."""
+    def migrate(self) -> list[str]:
+        """Switch a new or existing catalogue file to WAL, then create or upgrade the tables (see
+        :meth:`SQLCatalog.migrate`); a file that is not ours is refused before either."""
         self._refuse_read_only("initialize")
         with self._transaction() as cur:
             tables = self._table_names(cur)
@@ -80,7 +80,7 @@ class SQLiteCatalog(SQLCatalog):
             self._enable_wal(self._timeout_s)
         except sqlite3.Error as e:
             raise ServiceUnavailableError(f"SQLite catalogue {self.describe()} failed: {e}; {_FIX}") from None
-        super().initialize()
+        return super().migrate()
 
     def _enable_wal(self, timeout_s: float) -> None:
         # Switching a new file to WAL fails at once with "database is locked" while

@@ -1,8 +1,8 @@
 """One contract for every catalogue: SQLite (a file in tmp_path) and a real PostgreSQL.
 
 The PostgreSQL cases use the session's ``postgres_url`` server; they work in a
-database of their own (``catalog_contract``) whose ``heimdall`` schema is
-dropped before each test, so tests are independent. Raw SQL through the real
+database of their own (``catalog_contract``) whose ``heimdall_tune`` schema (and
+any ``heimdall`` schema a test made) is dropped before each test, so tests are independent. Raw SQL through the real
 drivers checks what the API cannot show (stations, cascades, row counts).
 """
 from __future__ import annotations
@@ -68,6 +68,7 @@ def _wipe_postgres(url: str) -> None:
     conn = psycopg2.connect(url)
     conn.autocommit = True
     with conn.cursor() as cur:
+        cur.execute("DROP SCHEMA IF EXISTS heimdall_tune CASCADE")
         cur.execute("DROP SCHEMA IF EXISTS heimdall CASCADE")
     conn.close()
 
@@ -101,7 +102,7 @@ def _sql(url: str, query: str) -> list[tuple[Any, ...]]:
     conn = psycopg2.connect(url)
     try:
         with conn.cursor() as cur:
-            cur.execute(query.format(p="heimdall."))
+            cur.execute(query.format(p="heimdall_tune."))
             return cur.fetchall()
     finally:
         conn.close()
@@ -167,7 +168,7 @@ def test_initialize_is_idempotent_and_stores_the_stations(catalog, url):
     catalog.initialize()
     rows = _sql(url, "SELECT id, name, latitude, longitude, array_index FROM {p}websdr_stations ORDER BY array_index")
     assert rows == [(s.id, s.name, s.lat, s.lon, i) for i, s in enumerate(STATIONS)]
-    assert _sql(url, "SELECT version FROM {p}schema_version") == [(1,)]
+    assert _sql(url, "SELECT version FROM {p}schema_version") == [(2,)]
 
 
 def _initialize(url: str) -> None:
@@ -184,7 +185,7 @@ def test_initialize_from_several_processes_at_once(url):
         p.join(60)
     assert [p.exitcode for p in procs] == [0] * 4
     assert _count(url, "websdr_stations") == R
-    assert _sql(url, "SELECT version FROM {p}schema_version") == [(1,)]
+    assert _sql(url, "SELECT version FROM {p}schema_version") == [(2,)]
 
 
 def test_a_newer_schema_version_is_refused(catalog, url):
@@ -200,7 +201,7 @@ def test_a_newer_schema_version_is_refused(catalog, url):
 
         conn = psycopg2.connect(url)
         with conn, conn.cursor() as cur:
-            cur.execute("INSERT INTO heimdall.schema_version VALUES (99, now())")
+            cur.execute("INSERT INTO heimdall_tune.schema_version VALUES (99, now())")
         conn.close()
     with open_catalog(url) as c, pytest.raises(DataError, match="schema version 99.*upgrade"):
         c.initialize()
@@ -211,7 +212,7 @@ def test_a_newer_schema_version_is_refused(catalog, url):
 # -- read-only catalogues and databases that are not ours --------------------
 def _footprint(url: str) -> object:
     """What a command could have changed: the SQLite file's folder (names, sizes, bytes), or
-    PostgreSQL's schemas and the ``heimdall`` schema's tables."""
+    PostgreSQL's schemas and the ``heimdall_tune`` schema's tables."""
     if url.startswith("sqlite:"):
         folder = Path(url[len("sqlite:///"):]).parent
         return sorted((p.name, hashlib.sha256(p.read_bytes()).hexdigest()) for p in folder.iterdir() if p.is_file())
@@ -222,14 +223,15 @@ def _footprint(url: str) -> object:
         with conn.cursor() as cur:
             cur.execute("SELECT schema_name FROM information_schema.schemata ORDER BY 1")
             schemas = cur.fetchall()
-            cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'heimdall' ORDER BY 1")
+            cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'heimdall_tune' "
+                        "ORDER BY 1")
             return schemas, cur.fetchall()
     finally:
         conn.close()
 
 
 def _not_ours(url: str) -> None:
-    """Make the database behind ``url`` hold somebody else's tables (upstream Heimdall's, say)."""
+    """Make the catalogue's place (the SQLite file, the ``heimdall_tune`` schema) hold somebody else's tables."""
     if url.startswith("sqlite:"):
         conn = sqlite3.connect(url[len("sqlite:///"):])
         conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT)")
@@ -241,8 +243,8 @@ def _not_ours(url: str) -> None:
 
     conn = psycopg2.connect(url)
     with conn, conn.cursor() as cur:
-        cur.execute("CREATE SCHEMA heimdall")
-        cur.execute("CREATE TABLE heimdall.websdr_stations (id INTEGER PRIMARY KEY, name TEXT)")
+        cur.execute("CREATE SCHEMA heimdall_tune")
+        cur.execute("CREATE TABLE heimdall_tune.websdr_stations (id INTEGER PRIMARY KEY, name TEXT)")
     conn.close()
 
 
@@ -350,10 +352,11 @@ def test_shards_and_recordings_round_trip_exactly(catalog):
     assert set(got) == set(RECORDING_COLUMNS)
     for name, spec in RECORDING_COLUMNS.items():
         assert got[name].dtype == np.dtype(spec.dtype), name
-    for name in set(RECORDING_COLUMNS) - {"shard_index"}:
+    for name in set(RECORDING_COLUMNS) - {"shard_index", "split_group"}:
         expected = np.concatenate([first[name], second[name], last[name]])
         np.testing.assert_array_equal(got[name], expected, err_msg=name)  # NaN == NaN here
     np.testing.assert_array_equal(got["shard_index"], np.repeat([0, 1, 2], [10, 10, 5]))
+    np.testing.assert_array_equal(got["split_group"], got["recording_id"])  # no group given: its own
     assert np.isnan(got["rx_power_dbm"]).any() and np.isnan(got["tx_lat"][0])
     info = catalog.get_dataset("rt")
     assert (info.n_recordings, info.n_shards) == (25, 3)
@@ -393,6 +396,8 @@ def test_bad_arrays_are_refused_before_anything_is_written(catalog):
         "duplicate ids": {**good, "recording_id": np.zeros(10, dtype=np.int64)},
         "rows out of range": {**good, "row": np.arange(10, dtype=np.int32) + 1},
         "wrong shard_index": {**good, "shard_index": np.full(10, 3)},
+        "negative split_group": {**good, "split_group": np.full(10, -1)},
+        "fractional split_group": {**good, "split_group": np.full(10, 0.5)},
     }
     for labels in bad_cases.values():
         with pytest.raises(DataError, match="shard 0 of dataset 'v'"):
@@ -455,6 +460,48 @@ def test_delete_cascades_and_leaves_other_datasets_alone(catalog, url):
         np.testing.assert_array_equal(survivors[name], np.concatenate([k[name] for k in kept]), err_msg=name)
     with pytest.raises(NotFoundError, match="existing datasets: kept"):
         catalog.delete_dataset("gone")
+
+
+def test_split_groups_round_trip(catalog, url):
+    _create(catalog, "grouped", planned=10, kind="imported")
+    labels = _recordings(10, 0)
+    groups = np.array([7, 7, 7, 2**62, 2**62, 0, 0, 0, 0, 5], dtype=np.int64)  # several recordings per group
+    catalog.add_shard(_shard("grouped", 0, 10), {**labels, "split_group": groups})
+    got = catalog.recordings("grouped")
+    np.testing.assert_array_equal(got["split_group"], groups)
+    assert got["split_group"].dtype == np.int64
+    assert _sql(url, "SELECT COUNT(DISTINCT split_group) FROM {p}recording_sessions")[0][0] == 4
+
+
+def test_a_complete_imported_dataset_reopens_to_append_shards(catalog):
+    _create(catalog, "field", planned=10, kind="imported")
+    catalog.add_shard(_shard("field", 0, 10), _recordings(10, 0))
+    catalog.mark_complete("field")
+    info = catalog.reopen_dataset("field", planned_recordings=15, config={"split": {"groups": {"a": 1}}})
+    assert (info.status, info.completed_at, info.planned_recordings) == ("pending", None, 15)
+    assert info.config == {"split": {"groups": {"a": 1}}}
+    catalog.add_shard(_shard("field", 1, 5), _recordings(5, 10))
+    catalog.mark_complete("field")
+    info = catalog.get_dataset("field")
+    assert (info.status, info.n_recordings, info.n_shards) == ("complete", 15, 2)
+    again = catalog.reopen_dataset("field")  # totals and config unchanged
+    assert (again.status, again.planned_recordings, again.config) == ("pending", 15, info.config)
+    catalog.mark_complete("field")  # nothing appended: complete again as it was
+    with pytest.raises(ConfigError, match="planned_recordings must be an int >= the 15 recordings"):
+        catalog.reopen_dataset("field", planned_recordings=14)
+    with pytest.raises(ConfigError, match="config must be plain JSON"):
+        catalog.reopen_dataset("field", config={"x": float("nan")})
+    assert catalog.get_dataset("field").status == "complete"  # refused requests change nothing
+
+
+def test_a_synthetic_dataset_cannot_be_reopened(catalog):
+    _fill(catalog, "synth", [10])
+    catalog.mark_complete("synth")
+    with pytest.raises(DataError, match="'synth' is synthetic: only imported datasets can be reopened.*fix: generate"):
+        catalog.reopen_dataset("synth")
+    assert catalog.get_dataset("synth").status == "complete"
+    with pytest.raises(NotFoundError, match="existing datasets: synth"):
+        catalog.reopen_dataset("nope")
 
 
 def test_an_empty_dataset_has_empty_arrays(catalog):
