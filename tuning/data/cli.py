@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recordings", type=int, default=8000, help="number of recordings (default 8000, ~1.8 GB)")
     g.add_argument("--seed", type=int, default=0, help="base seed; shard i uses (seed, i)")
     g.add_argument("--shard-size", type=int, default=250, help="recordings per shard (default 250, ~57 MB)")
+    g.add_argument("--gain-drift-db", type=float, default=None, metavar="SIGMA",
+                   help="unknown per-recording gain drift, dB std [GeneratorConfig.gain_drift_sigma_db]")
     d = sub.add_parser("describe", help="counts, sizes, SNR statistics and the oracle/centre baselines")
     d.add_argument("name")
     d.add_argument("--max-oracle", type=_positive, default=2000, help="cap on held-out recordings given to the oracle")
@@ -70,14 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _generate(args: argparse.Namespace, settings: DataSettings) -> None:
     from heimdall.datasets import generate_dataset
+    from heimdall.scene import GeneratorConfig
 
+    drift = {} if args.gain_drift_db is None else {"gain_drift_sigma_db": args.gain_drift_db}
+    config = GeneratorConfig(**drift)  # a bad value fails before any service is touched
     store, catalog = settings.open_store(), settings.open_catalog()
     print(f"catalogue: {catalog.describe()}\nstore:     {store.describe()}")
     with catalog:
         catalog.initialize()  # a catalogue that is not ours is refused before the progress bar starts
         with tqdm(total=args.recordings, unit="rec", desc=f"generate {args.dataset}") as bar:
             info = generate_dataset(catalog, store, args.dataset, n_recordings=args.recordings, seed=args.seed,
-                                    shard_size=args.shard_size, progress=bar.update)
+                                    config=config, shard_size=args.shard_size, progress=bar.update)
     print(f"dataset {info.name!r}: {info.n_recordings} recordings in {info.n_shards} shards — done. "
           f"Next: python -m tuning.data describe {info.name}")
 
