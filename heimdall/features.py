@@ -22,6 +22,13 @@ becomes a power spectrogram of 128 frequency bins x 32 frames:
   level across receivers is what carries the location, and a fixed map needs
   no statistics that could go missing at inference. Levels below
   ``floor_db`` are clamped (an all-zero frame would give -inf).
+* **Station offsets.** With ``station_offsets_db`` set (real receivers, whose
+  gain their operators choose; estimated by
+  :func:`heimdall.calibration.estimate_station_offsets` and stored with an
+  imported dataset), receiver ``r``'s levels are lowered by its offset before
+  the floor and the map: every receiver reads on the propagation model's
+  scale, the one a model trained elsewhere expects. ``None`` (synthetic data,
+  whose offsets the network learns) changes nothing.
 * **Masked receivers.** A receiver marked not heard (mask False) has every
   feature set to ``mask_fill`` (network units; the default 0.0 is
   ``db_offset`` dBm per bin). The mask itself is passed to the networks too,
@@ -44,6 +51,7 @@ import torch
 from torch import nn
 
 from heimdall.errors import collect_problems
+from heimdall.receivers import STATION_IDS
 
 __all__ = ["FeatureConfig", "SpectrogramFeatures", "spectrogram_numpy", "validate_features"]
 
@@ -68,6 +76,10 @@ class FeatureConfig:
         floor_db: bin levels below this (dBm per bin) are clamped to it;
             -180 lies ~20 dB under the weakest noise floor per bin.
         mask_fill: value of every feature of a masked receiver, network units.
+        station_offsets_db: per receiver (:data:`~heimdall.receivers.STATION_IDS`
+            order), dB subtracted from its levels; ``None``: no correction. Left out
+            of :meth:`to_dict` when ``None``, so configs without it keep their
+            cache keys and saved forms.
     """
 
     sample_rate_hz: float = 12_000.0
@@ -80,9 +92,12 @@ class FeatureConfig:
     db_scale: float = 20.0
     floor_db: float = -180.0
     mask_fill: float = 0.0
+    station_offsets_db: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         p: list[str] = []
+        if self.station_offsets_db is not None:
+            p.extend(self._coerce_offsets())
         if not self.sample_rate_hz > 0:
             p.append(f"sample_rate_hz must be > 0, got {self.sample_rate_hz}")
         for name in ("n_fft", "hop", "n_frames"):
@@ -98,6 +113,24 @@ class FeatureConfig:
                 p.append(f"{name} must be finite, got {getattr(self, name)}")
         collect_problems("FeatureConfig", p)
 
+    def _coerce_offsets(self) -> list[str]:
+        """Store the offsets as a tuple of floats (lists come from JSON); the problems, if any."""
+        value = self.station_offsets_db
+        try:
+            offsets = tuple(float(v) for v in value)  # type: ignore[union-attr]
+        except (TypeError, ValueError):
+            return [f"station_offsets_db must be a sequence of {len(STATION_IDS)} numbers (dB, in "
+                    f"{', '.join(STATION_IDS)} order) or None, got {value!r}"]
+        object.__setattr__(self, "station_offsets_db", offsets)
+        p = []
+        if len(offsets) != len(STATION_IDS):
+            p.append(f"station_offsets_db must hold one offset per receiver ({len(STATION_IDS)}: "
+                     f"{', '.join(STATION_IDS)}), got {len(offsets)}; fix: estimate them with "
+                     "heimdall.calibration.estimate_station_offsets")
+        if not all(math.isfinite(v) for v in offsets):
+            p.append(f"station_offsets_db must be finite, got {list(offsets)}; fix: use 0 for a station without an estimate")
+        return p
+
     @property
     def n_samples(self) -> int:
         """IQ samples per receiver that the frames cover exactly."""
@@ -110,7 +143,12 @@ class FeatureConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict; saved with every model so inference rebuilds the same features."""
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if self.station_offsets_db is None:
+            del data["station_offsets_db"]
+        else:
+            data["station_offsets_db"] = list(self.station_offsets_db)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FeatureConfig:
@@ -122,7 +160,7 @@ class FeatureConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         collect_problems("FeatureConfig", [f"unknown key {k!r}; valid keys: {', '.join(sorted(names))}" for k in unknown])
-        return cls(**data)
+        return cls(**data)  # __post_init__ turns a JSON list of offsets back into a tuple
 
 
 def _window_numpy(config: FeatureConfig) -> np.ndarray:
@@ -130,6 +168,16 @@ def _window_numpy(config: FeatureConfig) -> np.ndarray:
         return np.ones(config.n_fft)
     # Periodic Hann, as torch.hann_window(periodic=True) and scipy.signal.get_window("hann").
     return 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(config.n_fft) / config.n_fft)
+
+
+def _offset_gain(config: FeatureConfig, n_receivers: int) -> np.ndarray | None:
+    """Linear power factor per receiver, (R, 1, 1), that removes the station offsets; None without them."""
+    if config.station_offsets_db is None:
+        return None
+    if n_receivers != len(config.station_offsets_db):
+        raise ValueError(f"station_offsets_db holds {len(config.station_offsets_db)} offsets but the IQ has "
+                         f"{n_receivers} receivers; keep STATIONS order")
+    return 10.0 ** (-np.asarray(config.station_offsets_db, dtype=np.float64) / 10.0)[:, None, None]
 
 
 def _check_length(n_samples: int, config: FeatureConfig) -> None:
@@ -161,6 +209,9 @@ def spectrogram_numpy(iq: np.ndarray, config: FeatureConfig, mask: np.ndarray | 
     frames = x[..., starts[:, None] + np.arange(config.n_fft)]  # (..., R, frames, n_fft)
     spec = np.fft.fftshift(np.fft.fft(frames * w, axis=-1), axes=-1)
     power = np.abs(spec) ** 2 / (config.n_fft * np.sum(w**2))
+    gain = _offset_gain(config, x.shape[-2])
+    if gain is not None:  # before the floor, which stays the floor of the corrected level
+        power = power * gain
     db = 10.0 * np.log10(np.maximum(power, 10.0 ** ((config.floor_db - config.reference_dbm) / 10.0)))
     out = (db + config.reference_dbm - config.db_offset) / config.db_scale
     out = np.swapaxes(out, -1, -2)
@@ -186,6 +237,8 @@ class SpectrogramFeatures(nn.Module):
         self.register_buffer("window", window, persistent=False)
         self._power_scale = 1.0 / (self.config.n_fft * float(np.sum(_window_numpy(self.config) ** 2)))
         self._power_floor = 10.0 ** ((self.config.floor_db - self.config.reference_dbm) / 10.0)
+        gain = _offset_gain(self.config, len(self.config.station_offsets_db or ()))
+        self.register_buffer("offset_gain", None if gain is None else torch.from_numpy(gain), persistent=False)
 
     def forward(self, iq: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Compute the spectrogram features.
@@ -210,6 +263,11 @@ class SpectrogramFeatures(nn.Module):
         frames = x.unfold(-1, c.n_fft, c.hop)  # (B, R, frames, n_fft)
         spec = torch.fft.fftshift(torch.fft.fft(frames * self.window, dim=-1), dim=-1)
         power = (spec.real.square() + spec.imag.square()) * self._power_scale
+        if self.offset_gain is not None:
+            if x.shape[1] != self.offset_gain.shape[0]:
+                raise ValueError(f"station_offsets_db holds {self.offset_gain.shape[0]} offsets but the IQ has "
+                                 f"{x.shape[1]} receivers; keep STATIONS order")
+            power = power * self.offset_gain
         db = 10.0 * torch.log10(power.clamp_min(self._power_floor))
         out = ((db + (c.reference_dbm - c.db_offset)) / c.db_scale).transpose(-1, -2).to(torch.float32)
         if mask is not None:

@@ -134,3 +134,70 @@ def test_config_lists_every_problem_and_roundtrips():
     with pytest.raises(ConfigError, match="unknown key 'nfft'"):
         FeatureConfig.from_dict({"nfft": 64})
     assert CFG.n_samples == 4096 and CFG.bin_hz == pytest.approx(93.75)
+
+
+OFFSETS = (3.0, -2.5, 0.0, 7.25, -6.0, 1.0, 12.0)
+
+
+def test_station_offsets_lower_each_receivers_level_in_both_paths():
+    iq = _iq(np.random.default_rng(7))
+    mask = np.ones((2, 7), dtype=bool)
+    mask[0, 6] = False
+    cfg = FeatureConfig(station_offsets_db=OFFSETS)
+    plain = spectrogram_numpy(iq, CFG, mask)
+    ref = spectrogram_numpy(iq, cfg, mask)
+    got = SpectrogramFeatures(cfg)(torch.from_numpy(iq), torch.from_numpy(mask)).numpy()
+    assert float(np.abs(got - ref).max()) < 1e-4
+    shift_db = _to_dbm(ref) - _to_dbm(plain)
+    clear = _to_dbm(plain) > CFG.floor_db + 15.0  # a few noise bins sit at the floor, where nothing moves
+    for r, offset in enumerate(OFFSETS):
+        assert clear[1, r].mean() > 0.99
+        np.testing.assert_allclose(shift_db[1, r][clear[1, r]], -offset, atol=1e-3)
+    assert (ref[0, 6] == cfg.mask_fill).all()  # a masked receiver is still only the fill
+
+
+def test_station_offsets_keep_the_floor():
+    silent = np.zeros((1, 7, CFG.n_samples), dtype=np.complex64)
+    feats = spectrogram_numpy(silent, FeatureConfig(station_offsets_db=OFFSETS))
+    np.testing.assert_allclose(_to_dbm(feats), CFG.floor_db, atol=1e-3)
+
+
+def test_no_station_offsets_leave_every_number_and_saved_form_unchanged():
+    iq = _iq(np.random.default_rng(8))
+    zero = FeatureConfig(station_offsets_db=(0.0,) * 7)
+    assert np.array_equal(spectrogram_numpy(iq, zero), spectrogram_numpy(iq, CFG))
+    assert torch.equal(SpectrogramFeatures(zero)(torch.from_numpy(iq)), SpectrogramFeatures(CFG)(torch.from_numpy(iq)))
+    # Without offsets the saved form (cache keys, checkpoints, export metadata) is the one from before they existed.
+    assert set(CFG.to_dict()) == {"sample_rate_hz", "n_fft", "hop", "n_frames", "window", "reference_dbm",
+                                  "db_offset", "db_scale", "floor_db", "mask_fill"}
+    assert FeatureConfig.from_dict(CFG.to_dict()) == CFG
+
+
+def test_station_offsets_roundtrip_through_json():
+    import json
+
+    cfg = FeatureConfig(station_offsets_db=list(OFFSETS))  # a list, as a dataset config holds it
+    assert cfg.station_offsets_db == OFFSETS
+    back = FeatureConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg and hash(back) == hash(cfg)
+    assert back.to_dict()["station_offsets_db"] == list(OFFSETS)
+
+
+@pytest.mark.parametrize("offsets, match", [
+    ((1.0, 2.0), "one offset per receiver \\(7"),
+    ((0.0,) * 6 + (float("nan"),), "station_offsets_db must be finite"),
+    ("abc", "sequence of 7 numbers"),
+    (3.0, "sequence of 7 numbers"),
+])
+def test_bad_station_offsets_are_config_errors(offsets, match):
+    with pytest.raises(ConfigError, match=match):
+        FeatureConfig(station_offsets_db=offsets)
+
+
+def test_station_offsets_need_the_same_receiver_count():
+    iq = _iq(np.random.default_rng(9), r=5)
+    cfg = FeatureConfig(station_offsets_db=OFFSETS)
+    with pytest.raises(ValueError, match="7 offsets but the IQ has 5 receivers"):
+        spectrogram_numpy(iq, cfg)
+    with pytest.raises(ValueError, match="7 offsets but the IQ has 5 receivers"):
+        SpectrogramFeatures(cfg)(torch.from_numpy(iq))
