@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +54,7 @@ from torch import nn
 from heimdall.errors import collect_problems
 from heimdall.receivers import STATION_IDS
 
-__all__ = ["FeatureConfig", "SpectrogramFeatures", "spectrogram_numpy", "validate_features"]
+__all__ = ["FeatureConfig", "SpectrogramFeatures", "feature_config_for", "spectrogram_numpy", "validate_features"]
 
 _WINDOWS = ("hann", "rect")
 
@@ -161,6 +162,25 @@ class FeatureConfig:
         unknown = sorted(set(data) - names)
         collect_problems("FeatureConfig", [f"unknown key {k!r}; valid keys: {', '.join(sorted(names))}" for k in unknown])
         return cls(**data)  # __post_init__ turns a JSON list of offsets back into a tuple
+
+
+def feature_config_for(dataset_config: Mapping[str, Any], base: FeatureConfig | None = None) -> FeatureConfig:
+    """The FeatureConfig to train on a dataset with: ``base`` plus the dataset's station offsets.
+
+    An imported dataset's config may hold ``station_offsets_db`` (estimated from its
+    known-source recordings by :func:`heimdall.calibration.estimate_station_offsets`);
+    a synthetic one has none, and ``base`` comes back unchanged.
+
+    Args:
+        dataset_config: the dataset's ``DatasetInfo.config``.
+        base: the other feature settings; default :class:`FeatureConfig`.
+
+    Raises:
+        ConfigError: the stored offsets are not one finite number per receiver.
+    """
+    base = base or FeatureConfig()
+    offsets = dataset_config.get("station_offsets_db")
+    return base if offsets is None else dataclasses.replace(base, station_offsets_db=offsets)
 
 
 def _window_numpy(config: FeatureConfig) -> np.ndarray:

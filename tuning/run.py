@@ -44,6 +44,7 @@ from heimdall.catalog import Catalog, DatasetInfo
 from heimdall.catalog.base import CatalogMissingError
 from heimdall.datasets import VAL, SplitConfig, generate_dataset, split_assignment
 from heimdall.errors import DataError, HeimdallError, NotFoundError, ServiceUnavailableError
+from heimdall.features import feature_config_for
 from heimdall.scene import GeneratorConfig
 from heimdall.store import BlobStore, open_store
 from tuning.data.describe import baseline_reports
@@ -374,7 +375,8 @@ def run_study(config: StudyConfig, space: SearchSpace, where: RunSettings, conn:
                                                      registry=conn.registry))
         info = ensure_dataset(conn, config)
         split = SplitConfig()
-        cache = ensure_feature_cache(conn.catalog, conn.store, config.dataset, split=split)
+        # An imported dataset carries its stations' offsets; they enter the features (and the cache key).
+        cache = ensure_feature_cache(conn.catalog, conn.store, config.dataset, feature_config_for(info.config), split=split)
         spec = TrialSpec(config, space, train_storage=conn.runs.train_path(config.name),
                          storage_filesystem=conn.runs.filesystem)
         trainable = make_trainable(spec, trial_datasets(cache, conn.store, seed=config.seed), cache, plan)

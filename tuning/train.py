@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     from heimdall.data import HeimdallDataModule, load_feature_splits
+    from heimdall.features import feature_config_for
     from heimdall.models import build_model
     from heimdall.module import LocalizationModule
 
@@ -89,13 +90,15 @@ def run(args: argparse.Namespace) -> dict:
     evaluated = LocalizationModule.from_checkpoint(args.evaluate) if args.evaluate else None
     with settings.open_catalog() as catalog:
         info = catalog.get_dataset(args.dataset)
+        features = feature_config_for(info.config)  # an imported dataset's station offsets, saved with the model
         with tqdm(total=info.n_recordings, unit="rec", desc="features") as bar:
-            splits = load_feature_splits(catalog, settings.open_store(), args.dataset, progress=bar.update)
+            splits = load_feature_splits(catalog, settings.open_store(), args.dataset, feature_config=features,
+                                         progress=bar.update)
     print("splits: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
     _require_splits(splits, args.dataset, ("test",) if evaluated else ("train", "test"))
     if evaluated is not None:
         return _report(evaluated, splits, info, out, args, 0.0, 0)
-    module = LocalizationModule(build_model(args.arch, model_config), loss, opt)
+    module = LocalizationModule(build_model(args.arch, model_config), loss, opt, feature_config=features)
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", monitor="val/nll_km", mode="min", save_last=True)
     trainer = pl.Trainer(
         max_epochs=opt.max_epochs, accelerator="cpu", logger=CSVLogger(out, name="logs"), callbacks=[ckpt],

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from heimdall.errors import ConfigError
-from heimdall.features import FeatureConfig, SpectrogramFeatures, spectrogram_numpy, validate_features
+from heimdall.features import (
+    FeatureConfig,
+    SpectrogramFeatures,
+    feature_config_for,
+    spectrogram_numpy,
+    validate_features,
+)
 
 CFG = FeatureConfig()
 
@@ -201,3 +207,14 @@ def test_station_offsets_need_the_same_receiver_count():
         spectrogram_numpy(iq, cfg)
     with pytest.raises(ValueError, match="7 offsets but the IQ has 5 receivers"):
         SpectrogramFeatures(cfg)(torch.from_numpy(iq))
+
+
+def test_feature_config_for_takes_an_imported_datasets_offsets():
+    from heimdall.scene import GeneratorConfig
+
+    assert feature_config_for(GeneratorConfig().to_dict()) == CFG  # synthetic: nothing to correct
+    base = FeatureConfig(db_offset=-140.0)
+    got = feature_config_for({"station_offsets_db": list(OFFSETS), "split": {}}, base)
+    assert got == FeatureConfig(db_offset=-140.0, station_offsets_db=OFFSETS)
+    with pytest.raises(ConfigError, match="one offset per receiver"):
+        feature_config_for({"station_offsets_db": [1.0]})
