@@ -5,7 +5,8 @@ spectrogram features (:class:`heimdall.features.SpectrogramFeatures`) with the
 heard mask applied, and keeps them in memory as float16 (features span about
 −2.5…4.5 network units, where float16's step is ≤ 0.004 units = 0.08 dB, far
 below the ~0.1 dB power-estimation noise). The split of each recording comes
-from :func:`heimdall.datasets.split_assignment`, by recording id.
+from :func:`heimdall.datasets.split_codes`, by split group (the recording id unless
+the shards carry groups).
 
 Each item is a dict: ``features`` (R, 128, 32) float32, ``mask`` (R,) bool,
 ``target`` (2,) float32 — east/north of the transmitter in units of
@@ -25,7 +26,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
 from heimdall.catalog import Catalog
-from heimdall.datasets import TEST, TRAIN, VAL, SplitConfig, open_dataset, read_shard, split_assignment
+from heimdall.datasets import TEST, TRAIN, VAL, SplitConfig, open_dataset, read_shard, split_codes
 from heimdall.errors import DataError
 from heimdall.features import FeatureConfig, SpectrogramFeatures
 from heimdall.geometry import LocalFrame
@@ -129,7 +130,8 @@ def load_feature_splits(
                             f"need {feature_config.n_samples} ({feature_config.n_frames} frames × hop {feature_config.hop}); "
                             f"fix: use a FeatureConfig matching the data, or regenerate the dataset")
         known = np.isfinite(shard.labels["tx_lat"]) & np.isfinite(shard.labels["tx_lon"])
-        split = np.where(known, split_assignment(shard.recording_id, split_config), -1)
+        codes = split_codes(shard.recording_id, shard.labels.get("split_group"), split_config)
+        split = np.where(known, codes, -1)
         heard = shard.labels["heard"].astype(bool)
         with torch.no_grad():
             feats = torch.cat([featurize(torch.from_numpy(shard.iq[i:i + 64]), torch.from_numpy(heard[i:i + 64]))

@@ -31,6 +31,7 @@ __all__ = [
     "read_shard",
     "iter_shards",
     "split_assignment",
+    "split_codes",
     "labels_to_shard_rows",
 ]
 
@@ -39,10 +40,11 @@ ProgressFn = Callable[[int], None]
 
 @dataclass(frozen=True)
 class SplitConfig:
-    """Deterministic train/val/test split by recording id.
+    """Deterministic train/val/test split by split group (the recording id unless grouped).
 
-    A recording's split depends only on its id (a fixed integer hash), never
-    on shard order, the number of workers or the run.
+    A recording's split depends only on its group id (a fixed integer hash), never
+    on shard order, the number of workers or the run; recordings of one group (one
+    transmitter, one session) always share a split.
     """
 
     val_fraction: float = 0.1
@@ -75,6 +77,29 @@ def split_assignment(recording_id: np.ndarray, config: SplitConfig = SplitConfig
     out[u >= 1.0 - config.val_fraction - config.test_fraction] = VAL
     out[u >= 1.0 - config.test_fraction] = TEST
     return out
+
+
+def split_codes(
+    recording_id: np.ndarray, split_group: np.ndarray | None = None, config: SplitConfig = SplitConfig()
+) -> np.ndarray:
+    """Split code per recording (0 train, 1 val, 2 test): that of its split group.
+
+    Every reader of a dataset decides splits here, so that no group can land in two splits.
+
+    Args:
+        recording_id: (N,) ids.
+        split_group: (N,) group ids, or None: each recording is its own group (synthetic
+            data, and shards or catalogues written before groups existed).
+        config: split fractions.
+
+    Returns:
+        (N,) int8 codes, :func:`split_assignment` of the groups.
+    """
+    groups = np.asarray(recording_id if split_group is None else split_group)
+    if groups.shape != np.shape(recording_id):
+        raise DataError(f"split_group has shape {groups.shape} but recording_id {np.shape(recording_id)}; "
+                        f"fix: give one group per recording")
+    return split_assignment(groups, config)
 
 
 def labels_to_shard_rows(shard: ShardData, *, key: str) -> dict[str, np.ndarray]:

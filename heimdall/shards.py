@@ -4,6 +4,9 @@ One row per recording. ``iq`` is a fixed-size binary column holding the
 complex64 IQ of every receiver, C-ordered (R, T), little-endian, so readers can
 view it without copying (Ray Data, numpy). Labels sit beside it as plain
 columns; per-receiver labels are fixed-size lists in :data:`STATION_IDS` order.
+An optional int64 column ``split_group`` (label ``split_group``) names the group
+whose split a recording follows (:func:`heimdall.datasets.split_codes`); a shard
+without it splits each recording on its own, as synthetic data does.
 The file's schema metadata (key ``heimdall``) records the format version, the
 receiver order, the sample rate, the sample count and the IQ scale, so a shard
 is self-describing.
@@ -30,6 +33,7 @@ from heimdall.receivers import STATION_IDS
 __all__ = [
     "FORMAT_VERSION",
     "LABEL_COLUMNS",
+    "OPTIONAL_LABELS",
     "ShardData",
     "encode_shard",
     "decode_shard",
@@ -44,6 +48,8 @@ SCALAR_LABELS = ("tx_lat", "tx_lon", "tx_power_dbm", "frequency_hz")
 #: Per-receiver labels, shape (N, R).
 RECEIVER_LABELS = ("rx_power_dbm", "snr_db", "heard")
 LABEL_COLUMNS = SCALAR_LABELS + ("inside_hull",) + RECEIVER_LABELS
+#: Optional labels: written and read back when present (int64, (N,)).
+OPTIONAL_LABELS = ("split_group",)
 
 _FIX = "delete the dataset (`python -m tuning.data delete NAME`) and generate or import it again"
 
@@ -55,7 +61,8 @@ class ShardData:
     Attributes:
         recording_id: dataset-wide ids, (N,) int64.
         iq: complex64 IQ, (N, R, T), receivers in :data:`STATION_IDS` order.
-        labels: ``LABEL_COLUMNS`` arrays: scalars (N,), per-receiver (N, R).
+        labels: ``LABEL_COLUMNS`` arrays: scalars (N,), per-receiver (N, R); optionally
+            ``split_group`` (N,) int64 >= 0 (absent: each recording is its own group).
         sample_rate_hz: IQ sample rate.
         iq_reference_dbm: the power that ``|x|^2 = 1`` represents.
     """
@@ -105,6 +112,9 @@ def encode_shard(shard: ShardData, *, dataset: str, index: int) -> bytes:
     for k in SCALAR_LABELS:
         cols[k] = pa.array(np.asarray(shard.labels[k], dtype=np.float64))
     cols["inside_hull"] = pa.array(np.asarray(shard.labels["inside_hull"], dtype=bool))
+    for k in OPTIONAL_LABELS:
+        if k in shard.labels:
+            cols[k] = pa.array(np.asarray(shard.labels[k], dtype=np.int64))
     for k in RECEIVER_LABELS:
         dtype = bool if k == "heard" else np.float32
         flat = pa.array(np.asarray(shard.labels[k], dtype=dtype).reshape(-1))
@@ -183,7 +193,8 @@ def table_to_shard(table: pa.Table, *, key: str, n_rows: int | None = None) -> S
         raise DataError(f"shard {key} holds {n} recordings but the catalogue says {n_rows}; fix: {_FIX}")
     t = int(meta["n_samples"])
     iq = iq_from_column(table.column("iq"), n_samples=t, key=key)
-    labels: dict[str, np.ndarray] = {k: table.column(k).to_numpy() for k in (*SCALAR_LABELS, "inside_hull")}
+    present = [k for k in OPTIONAL_LABELS if k in table.column_names]
+    labels: dict[str, np.ndarray] = {k: table.column(k).to_numpy() for k in (*SCALAR_LABELS, "inside_hull", *present)}
     for k in RECEIVER_LABELS:
         col = table.column(k).combine_chunks()
         labels[k] = np.asarray(col.flatten().to_numpy(zero_copy_only=False)).reshape(n, R)
@@ -230,3 +241,9 @@ def _check_arrays(shard: ShardData, *, where: str) -> None:
         want = (n, R) if k in RECEIVER_LABELS else (n,)
         if v is None or np.shape(v) != want:
             raise DataError(f"{where}: label {k!r} must have shape {want}, got {None if v is None else np.shape(v)}")
+    group = shard.labels.get("split_group")
+    if group is not None:
+        group = np.asarray(group)
+        if group.shape != (n,) or group.dtype.kind not in "iu" or (group < 0).any():
+            raise DataError(f"{where}: label 'split_group' must be ({n},) integers >= 0, got shape {group.shape} "
+                            f"dtype {group.dtype}; fix: give every recording a group id >= 0, or leave the label out")

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from heimdall.catalog import Catalog, DatasetInfo
 from heimdall.catalog.base import CatalogMissingError
-from heimdall.datasets import VAL, SplitConfig, generate_dataset, split_assignment
+from heimdall.datasets import VAL, SplitConfig, generate_dataset, split_codes
 from heimdall.errors import DataError, HeimdallError, NotFoundError, ServiceUnavailableError
 from heimdall.features import feature_config_for
 from heimdall.scene import GeneratorConfig
@@ -348,7 +348,7 @@ def baselines(conn: Connections, info: DatasetInfo, split: SplitConfig) -> dict[
     if info.kind != "synthetic":
         return {}
     labels = conn.catalog.recordings(info.name)
-    val = np.flatnonzero(split_assignment(labels["recording_id"], split) == VAL)
+    val = np.flatnonzero(split_codes(labels["recording_id"], labels["split_group"], split) == VAL)
     if len(val) == 0:
         return {}
     reports = baseline_reports(GeneratorConfig.from_dict(info.config), {k: v[val] for k, v in labels.items()})
@@ -530,7 +530,7 @@ def export_best(config: StudyConfig, space: SearchSpace, conn: Connections, resu
         config.name, tuple(trial_records(results, statuses)), best_trial_id=best.trial_id,
         objective=config.objective_spec.metric, plots=tuple(plots.values()),
         seeds={"sampler": config.seed, "trial": f"{config.seed} + Optuna trial number", "best_trial": config.seed
-               + (best.number or 0), "dataset": info.seed, "split": "splitmix64 of recording_id"},
+               + (best.number or 0), "dataset": info.seed, "split": "splitmix64 of split_group"},
     )
     try:
         result = export_and_register(ExportRequest(

@@ -19,6 +19,7 @@ from heimdall.datasets import (
     open_dataset,
     read_shard,
     split_assignment,
+    split_codes,
     verify_dataset,
 )
 from heimdall.errors import AlreadyExistsError, ConfigError, DataError
@@ -131,3 +132,15 @@ def test_split_is_deterministic_and_has_the_configured_fractions() -> None:
     np.testing.assert_allclose(fractions, [0.8, 0.1, 0.1], atol=0.01)
     with pytest.raises(ConfigError):
         SplitConfig(val_fraction=0.6, test_fraction=0.5)
+
+
+def test_split_codes_follow_the_group_and_default_to_the_recording() -> None:
+    ids = np.arange(1000, dtype=np.int64)
+    np.testing.assert_array_equal(split_codes(ids), split_assignment(ids))  # synthetic splits unchanged
+    groups = ids // 10  # ten recordings per group
+    codes = split_codes(ids, groups, SplitConfig(val_fraction=0.2, test_fraction=0.2))
+    assert all(np.unique(codes[groups == g]).size == 1 for g in np.unique(groups))
+    np.testing.assert_array_equal(codes, split_assignment(groups, SplitConfig(val_fraction=0.2, test_fraction=0.2)))
+    assert (split_codes(ids, groups) != split_assignment(ids)).any()
+    with pytest.raises(DataError, match="split_group has shape"):
+        split_codes(ids, groups[:5])

@@ -90,3 +90,22 @@ def test_nan_samples_in_a_stored_shard_are_refused() -> None:
     data[at:at + 4] = np.float32(np.nan).tobytes()
     with pytest.raises(DataError, match=r"NaN/inf IQ samples \(ids \[11\]"):
         decode_shard(bytes(data), key="k")
+
+
+def test_split_group_is_an_optional_int64_column() -> None:
+    shard = make_shard()
+    back = decode_shard(encode_shard(shard, dataset="t", index=0), key="k")
+    assert "split_group" not in back.labels  # absent: each recording is its own group
+    groups = np.array([3, 3, 2**62, 0, 3], dtype=np.int64)
+    shard.labels["split_group"] = groups
+    back = decode_shard(encode_shard(shard, dataset="t", index=0), key="k")
+    np.testing.assert_array_equal(back.labels["split_group"], groups)
+    assert back.labels["split_group"].dtype == np.int64
+
+
+@pytest.mark.parametrize("groups", [np.array([0, 1, -1, 2, 3]), np.zeros(4, dtype=np.int64), np.full(5, 0.5)])
+def test_bad_split_groups_are_refused_on_write(groups: np.ndarray) -> None:
+    shard = make_shard()
+    shard.labels["split_group"] = groups
+    with pytest.raises(DataError, match="label 'split_group' must be \\(5,\\) integers >= 0"):
+        encode_shard(shard, dataset="t", index=0)

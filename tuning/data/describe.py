@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from heimdall.catalog import Catalog
-from heimdall.datasets import TEST, SplitConfig, open_dataset, split_assignment
+from heimdall.datasets import TEST, SplitConfig, open_dataset, split_codes
 from heimdall.errors import ConfigError
 from heimdall.geometry import default_frame
 from heimdall.metrics import format_reports, localization_report
@@ -69,7 +69,7 @@ def describe_dataset(catalog: Catalog, name: str, *, max_oracle: int = 2000) -> 
         lines.append("  (imported data: no generator, so no oracle baseline)")
         return "\n".join(lines)
     config = GeneratorConfig.from_dict(info.config)
-    test = np.flatnonzero(split_assignment(labels["recording_id"], SplitConfig()) == TEST)[:max_oracle]
+    test = np.flatnonzero(split_codes(labels["recording_id"], labels["split_group"], SplitConfig()) == TEST)[:max_oracle]
     # A small dataset may have no recording in the test split: then only the 'all' rows.
     rows = baseline_reports(config, {k: v[test] for k, v in labels.items()}) if len(test) else {}
     # The oracle is not trained, so every recording is held out for it: the whole

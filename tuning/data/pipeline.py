@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from heimdall.catalog import Catalog, DatasetInfo, ShardInfo
-from heimdall.datasets import SplitConfig, open_dataset, split_assignment, verify_dataset
+from heimdall.datasets import SplitConfig, open_dataset, split_codes, verify_dataset
 from heimdall.errors import DataError, HeimdallError, NotFoundError, collect_problems
 from heimdall.features import FeatureConfig
 from heimdall.geometry import LocalFrame, default_frame
@@ -257,7 +257,7 @@ def _check_oracle_frame(scaling: TargetScaling) -> None:
 
 def _expected_counts(labels: dict[str, np.ndarray], split: SplitConfig) -> dict[str, int]:
     known = np.isfinite(labels["tx_lat"]) & np.isfinite(labels["tx_lon"])
-    codes = split_assignment(labels["recording_id"], split)
+    codes = split_codes(labels["recording_id"], labels["split_group"], split)
     counts = {name: int(np.sum(known & (codes == i))) for i, name in enumerate(SPLIT_NAMES)}
     counts["unlabelled"] = int(np.sum(~known))
     return counts
@@ -500,7 +500,7 @@ class _ShardFeatures:
         east, north = frame.to_local(shard.labels["tx_lat"], shard.labels["tx_lon"])
         target = np.stack([east, north], axis=-1) / self.scaling.target_scale_km
         keep = np.isfinite(target).all(axis=1)
-        codes = split_assignment(shard.recording_id, self.split)[keep]
+        codes = split_codes(shard.recording_id, shard.labels.get("split_group"), self.split)[keep]
         heard = np.asarray(shard.labels["heard"], dtype=bool)[keep]
         rows = {
             "recording_id": shard.recording_id[keep].astype(np.int64),
