@@ -55,3 +55,13 @@ def test_generate_against_postgres_and_s3(tmp_path: Path, postgres_url: str, s3_
     common = ["--catalog", postgres_url, "--store", f"s3://heimdall-raw-iq/cli-{tmp_path.name}"]
     assert main(["generate", "--dataset", f"cli-{tmp_path.name}", "--recordings", "10", "--shard-size", "5", *common]) == 0
     assert main(["verify", f"cli-{tmp_path.name}", "--deep", *common]) == 0
+
+
+def test_generate_in_the_unknown_gain_world(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from heimdall.catalog import open_catalog
+
+    assert run(tmp_path, "generate", "--dataset", "g", "--recordings", "10", "--shard-size", "10", "--gain-drift-db", "4") == 0
+    with open_catalog(f"sqlite:///{tmp_path / 'data' / 'catalog.db'}") as catalog:
+        assert catalog.get_dataset("g").config["gain_drift_sigma_db"] == 4.0
+    assert run(tmp_path, "generate", "--dataset", "h", "--recordings", "10", "--gain-drift-db", "-1") == 1
+    assert "gain_drift_sigma_db must lie in [0, 12]" in capsys.readouterr().err
