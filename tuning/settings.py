@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from heimdall.catalog import Catalog, open_catalog
+from heimdall.errors import ConfigError
 from heimdall.store import BlobStore, open_store
 from heimdall.store.s3 import ENDPOINT_VARS
 
@@ -60,6 +62,11 @@ __all__ = [
 DEFAULT_DATA_DIR = ".heimdall"
 #: The models bucket when an S3 endpoint is configured (``python -m tuning.services up`` creates it).
 MODELS_BUCKET = "heimdall-models"
+#: The shard bucket when an S3 endpoint is configured (``python -m tuning.services up`` creates it).
+DATASETS_BUCKET = "heimdall-datasets"
+#: Upstream Heimdall's raw-IQ bucket: read by ``tuning.data import --from-heimdall``, never written,
+#: because upstream's daily lifecycle job deletes the objects there that its database does not reference.
+RAW_IQ_BUCKET = "heimdall-raw-iq"
 
 
 def setting(help: str, *, flag: str | None = None, env: str | None = None, type: Callable[[str], Any] | None = None,
@@ -211,6 +218,11 @@ def positive_float(text: str) -> float:
 # -- the settings ---------------------------------------------------------------------------------
 
 
+def _data_store(data_dir: Path, env: Mapping[str, str]) -> str:
+    """The shard bucket when an S3 endpoint is configured, else a folder of the data directory."""
+    return f"s3://{DATASETS_BUCKET}" if any(env.get(v) for v in ENDPOINT_VARS) else str(data_dir / "store")
+
+
 @dataclass(frozen=True)
 class DataSettings:
     """Where the catalogue and the blob store live (URLs carry no secrets)."""
@@ -223,7 +235,16 @@ class DataSettings:
         shown="sqlite:///{data-dir}/catalog.db", derive=lambda d, _: f"sqlite:///{d / 'catalog.db'}"))
     store_url: str = field(metadata=setting(
         "blob store: a directory or s3://bucket[/prefix]", flag="--store", env="HEIMDALL_STORE",
-        shown="{data-dir}/store", derive=lambda d, _: str(d / "store")))
+        shown=f"s3://{DATASETS_BUCKET} when an S3 endpoint is set; {{data-dir}}/store", derive=_data_store))
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.store_url)
+        if parts.scheme == "s3" and parts.netloc == RAW_IQ_BUCKET:
+            raise ConfigError("data settings", [
+                f"the store {self.store_url!r} is in upstream Heimdall's bucket {RAW_IQ_BUCKET!r}, whose daily "
+                f"lifecycle job deletes every object its database does not reference, shards included; "
+                f"fix: --store / HEIMDALL_STORE s3://{DATASETS_BUCKET} (the default when an S3 endpoint is set)"
+            ])
 
     def open_catalog(self, *, read_only: bool = False) -> Catalog:
         """Connect to the catalogue.

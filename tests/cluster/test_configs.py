@@ -39,6 +39,7 @@ import tuning.settings
 from heimdall.store import S3Settings
 from heimdall.store.s3 import S3Store
 from tuning.release.publish import MODELS_BUCKET
+from tuning.settings import DATASETS_BUCKET, RAW_IQ_BUCKET
 from tuning.study.spaces import available_spaces, load_space
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -427,9 +428,14 @@ def test_kubernetes_reads_credentials_only_from_secrets() -> None:
 def test_compose_creates_the_buckets_everyone_uses() -> None:
     buckets = _compose_buckets()
     mlflow = _load("docker-compose.yml")["services"]["mlflow"]["command"]
-    used = {MODELS_BUCKET, _bucket(mlflow[mlflow.index("--artifacts-destination") + 1])}
+    used = {MODELS_BUCKET, DATASETS_BUCKET, _bucket(mlflow[mlflow.index("--artifacts-destination") + 1])}
     used |= {_bucket(_env_example()[k]) for k in ("HEIMDALL_STORE", "HEIMDALL_STORAGE_PATH")}
     assert None not in used and used <= buckets, f"minio-init must create {sorted(used - buckets)}"
+    # Upstream Heimdall's lifecycle job deletes unreferenced objects in its raw-IQ bucket.
+    assert RAW_IQ_BUCKET not in buckets and _bucket(_env_example()["HEIMDALL_STORE"]) == DATASETS_BUCKET
+    texts = [(CLUSTER / n).read_text(encoding="utf-8") for n in ("docker-compose.yml", "env.example",
+                                                                  "runtime_env.yaml", "kuberay/rayjob.yaml")]
+    assert not [t for t in texts if f"--store s3://{RAW_IQ_BUCKET}" in t or f"STORE: s3://{RAW_IQ_BUCKET}" in t]
     settings = S3Settings(endpoint="http://127.0.0.1:9", access_key="placeholder", secret_key="placeholder")
     for bucket in buckets:
         S3Store(settings, bucket)  # raises ConfigError on a name S3 would refuse; does no I/O

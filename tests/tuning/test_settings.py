@@ -118,6 +118,16 @@ def test_flag_beats_environment_beats_default(tmp_path: Path) -> None:
     assert s.registry.models_store == str(data / "models")
     s, _ = st.run_settings(_run_args(), saved_study=None, environ={"HEIMDALL_S3_ENDPOINT": "http://s3:8333"})
     assert s.registry.models_store == f"s3://{st.MODELS_BUCKET}"
+    assert s.data.store_url == f"s3://{st.DATASETS_BUCKET}" == "s3://heimdall-datasets"
+
+
+@pytest.mark.parametrize("given", [{"store": "s3://heimdall-raw-iq"}, {"store": "s3://heimdall-raw-iq/shards/v1"}, {}])
+def test_shards_are_refused_in_upstreams_raw_iq_bucket(given: dict[str, str]) -> None:
+    env = {"HEIMDALL_STORE": "s3://heimdall-raw-iq/x"} if not given else {}
+    with pytest.raises(st.ConfigError, match="upstream Heimdall's bucket 'heimdall-raw-iq', whose daily lifecycle "
+                                             "job deletes .*fix: --store / HEIMDALL_STORE s3://heimdall-datasets"):
+        st.resolve(st.DataSettings, given, env)
+    assert st.resolve(st.DataSettings, {"store": "s3://heimdall-raw-iq-copy"}, {}).store_url == "s3://heimdall-raw-iq-copy"
 
 
 def test_study_flags_beat_the_smoke_test_which_beats_the_defaults() -> None:

@@ -8,10 +8,11 @@ Examples::
     python -m tuning.data verify demo --deep
     python -m tuning.data import --dataset field-2024 captures/
     python -m tuning.data delete demo
+    python -m tuning.data migrate    # upgrade a catalogue made by an older version (generate/import do too)
 
     # against the real services (see tuning/settings.py for every variable)
     python -m tuning.data generate --dataset demo --recordings 2000 --seed 1 \\
-        --catalog postgresql://heimdall@db:5432/heimdall --store s3://heimdall-raw-iq
+        --catalog postgresql://heimdall@db:5432/heimdall --store s3://heimdall-datasets
 
 ``list``, ``describe`` and ``verify`` only read: they create no file, directory,
 schema, table or bucket, and a catalogue that does not exist yet is an error
@@ -59,13 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check every shard exists (and with --deep, decodes cleanly)")
     v.add_argument("name")
     v.add_argument("--deep", action="store_true", help="download and verify every shard's checksum and samples")
-    x = sub.add_parser("delete", help="delete a dataset's shards and catalogue rows")
+    x = sub.add_parser("delete", help="delete a dataset (complete, pending, or objects of a run that never "
+                                      "registered any): its catalogue rows, shards, every object under "
+                                      "datasets/NAME/ and its feature caches")
     x.add_argument("name")
+    m = sub.add_parser("migrate", help="upgrade the catalogue to this version's schema (PostgreSQL: moves a "
+                                       "catalogue of schema 'heimdall' to 'heimdall_tune'); says what it did")
     i = sub.add_parser("import", help="import real Heimdall captures (sessions/{id}/websdr_{station}.npy + metadata.json)")
     i.add_argument("--dataset", required=True)
     i.add_argument("source", type=Path, help="directory holding sessions/")
     i.add_argument("--shard-size", type=int, default=250)
-    for p in (g, d, v, x, i, sub.choices["list"]):
+    for p in (g, d, v, x, i, m, sub.choices["list"]):
         add_data_args(p)
     return parser
 
@@ -112,17 +117,43 @@ def _verify(args: argparse.Namespace, settings: DataSettings) -> None:
 
 
 def _delete(args: argparse.Namespace, settings: DataSettings) -> None:
+    from heimdall.catalog import CatalogMissingError
+    from heimdall.errors import NotFoundError
+
     store = settings.open_store()
-    with settings.open_catalog(read_only=True) as catalog:  # a missing catalogue is not created to be emptied
-        catalog.get_dataset(args.name)
+    shards, missing = [], None
+    try:
+        with settings.open_catalog(read_only=True) as catalog:  # a missing catalogue is not created to be emptied
+            catalog.check()
+        with settings.open_catalog() as catalog:
+            shards = catalog.shards(args.name)
+            catalog.delete_dataset(args.name)  # rows first: a crash below leaves objects only, which a rerun deletes
+    except (CatalogMissingError, NotFoundError) as exc:
+        missing = exc
+    # Registered shards, then whatever a run wrote before registering it, and the study's feature caches.
+    keys = [s.key for s in shards]
+    keys += [k for prefix in (f"datasets/{args.name}/", f"features/{args.name}/") for k in store.list(prefix)]
+    keys = sorted(set(keys))
+    if missing is not None and not keys:
+        raise NotFoundError(
+            f"nothing to delete: dataset {args.name!r} has no catalogue rows ({str(missing).split('; fix:')[0]}) "
+            f"and no objects under datasets/{args.name}/ in {store.describe()}; fix: check the name "
+            f"(`python -m tuning.data list`) and HEIMDALL_CATALOG / HEIMDALL_STORE") from None
+    for key in keys:
+        store.delete(key)
+    rows = "no catalogue rows (objects only)" if missing is not None else f"{len(shards)} catalogued shard(s)"
+    print(f"deleted dataset {args.name!r}: {rows}, {len(keys)} object(s) from {store.describe()}")
+
+
+def _migrate(args: argparse.Namespace, settings: DataSettings) -> None:
+    from heimdall.catalog.sql import SCHEMA_VERSION
+
     with settings.open_catalog() as catalog:
-        shards = catalog.shards(catalog.get_dataset(args.name).name)
-        catalog.delete_dataset(args.name)
-    for s in shards:
-        store.delete(s.key)
-    for key in store.list(f"datasets/{args.name}/"):
-        store.delete(key)  # objects of an interrupted run that never got registered
-    print(f"deleted dataset {args.name!r} ({len(shards)} shards)")
+        done = catalog.migrate()
+        print(f"catalogue: {catalog.describe()}")
+    for line in done:
+        print(f"  {line}")
+    print(f"schema version {SCHEMA_VERSION}: " + ("migrated." if done else "already current, nothing to do."))
 
 
 def _import(args: argparse.Namespace, settings: DataSettings) -> None:
@@ -136,7 +167,7 @@ def _import(args: argparse.Namespace, settings: DataSettings) -> None:
 
 
 COMMANDS = {"generate": _generate, "describe": _describe, "list": _list, "verify": _verify,
-            "delete": _delete, "import": _import}
+            "delete": _delete, "import": _import, "migrate": _migrate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -52,7 +52,7 @@ def test_generate_against_postgres_and_s3(tmp_path: Path, postgres_url: str, s3_
     monkeypatch.setenv("HEIMDALL_S3_ENDPOINT", s3_settings.endpoint)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_settings.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_settings.secret_key)
-    common = ["--catalog", postgres_url, "--store", f"s3://heimdall-raw-iq/cli-{tmp_path.name}"]
+    common = ["--catalog", postgres_url, "--store", f"s3://heimdall-datasets/cli-{tmp_path.name}"]
     assert main(["generate", "--dataset", f"cli-{tmp_path.name}", "--recordings", "10", "--shard-size", "5", *common]) == 0
     assert main(["verify", f"cli-{tmp_path.name}", "--deep", *common]) == 0
 

@@ -202,19 +202,29 @@ def upstream_postgres(postgres_url: str) -> Iterator[str]:
 def test_reads_of_an_empty_postgres_database_create_no_schema(empty_postgres, tmp_path, capsys, command) -> None:
     before = _schemas_and_tables(empty_postgres)
     _fails_with_one_error(capsys, [*command, "--catalog", empty_postgres, "--data-dir", str(tmp_path / "data")],
-                          "no Heimdall Tune catalogue at", "schema 'heimdall'", "holds no tables")
-    assert _schemas_and_tables(empty_postgres) == before and ("heimdall",) not in before[0]
+                          "no Heimdall Tune catalogue at", "schema 'heimdall_tune'", "holds no tables")
+    assert _schemas_and_tables(empty_postgres) == before and ("heimdall_tune",) not in before[0]
     assert _tree(tmp_path) == {}
 
 
 @pytest.mark.postgres
-@pytest.mark.parametrize("command", [*READS, ["generate", "--dataset", "demo", "--recordings", "5"]], ids=" ".join)
-def test_a_foreign_heimdall_schema_is_neither_read_nor_extended(upstream_postgres, tmp_path, capsys, command) -> None:
+@pytest.mark.parametrize("command", READS, ids=" ".join)
+def test_reads_beside_a_foreign_heimdall_schema_find_no_catalogue(upstream_postgres, tmp_path, capsys, command) -> None:
     before = _schemas_and_tables(upstream_postgres)
     _fails_with_one_error(capsys, [*command, "--catalog", upstream_postgres, "--data-dir", str(tmp_path / "data")],
-                          "is not a Heimdall Tune catalogue", "websdr_stations")
+                          "no Heimdall Tune catalogue at", "schema 'heimdall_tune'")
     assert _schemas_and_tables(upstream_postgres) == before
     assert _tree(tmp_path) == {}
+
+
+@pytest.mark.postgres
+def test_generate_beside_a_foreign_heimdall_schema_leaves_it_alone(upstream_postgres, tmp_path) -> None:
+    schemas, tables = _schemas_and_tables(upstream_postgres)
+    assert main(["generate", "--dataset", "demo", "--recordings", "5", "--shard-size", "5", "--catalog",
+                 upstream_postgres, "--data-dir", str(tmp_path / "data")]) == 0
+    after_schemas, after_tables = _schemas_and_tables(upstream_postgres)
+    assert after_schemas == sorted([*schemas, ("heimdall_tune",)])
+    assert [t for t in after_tables if t[0] != "heimdall_tune"] == tables
 
 
 # -- S3: reads create no bucket -------------------------------------------------------------------
