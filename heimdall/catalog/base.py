@@ -158,7 +158,8 @@ class Catalog(Protocol):
 
         Raises:
             NotFoundError: no catalogue yet; the message says how to create one.
-            DataError: the database is not a Heimdall Tune catalogue, or has a newer schema version.
+            DataError: the database is not a Heimdall Tune catalogue, or has a newer schema version, or
+                an older one (the fix names ``python -m tuning.data migrate``).
         """
         ...
 
