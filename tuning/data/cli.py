@@ -7,6 +7,8 @@ Examples::
     python -m tuning.data list
     python -m tuning.data verify demo --deep
     python -m tuning.data import --dataset field-2024 captures/
+    python -m tuning.data import --dataset heimdall --from-heimdall postgresql://heimdall@db:5432/heimdall \\
+        --iq-sample-rate-hz 12000          # reruns import only new sessions (docs/heimdall-data.md)
     python -m tuning.data delete demo
     python -m tuning.data migrate    # upgrade a catalogue made by an older version (generate/import do too)
 
@@ -66,9 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("name")
     m = sub.add_parser("migrate", help="upgrade the catalogue to this version's schema (PostgreSQL: moves a "
                                        "catalogue of schema 'heimdall' to 'heimdall_tune'); says what it did")
-    i = sub.add_parser("import", help="import real Heimdall captures (sessions/{id}/websdr_{station}.npy + metadata.json)")
+    i = sub.add_parser("import", help="import real recordings: from a Heimdall installation (--from-heimdall) "
+                                      "or a captures folder (sessions/{id}/websdr_{station}.npy + metadata.json)")
     i.add_argument("--dataset", required=True)
-    i.add_argument("source", type=Path, help="directory holding sessions/")
+    where = i.add_mutually_exclusive_group(required=True)
+    where.add_argument("source", type=Path, nargs="?", help="directory holding sessions/")
+    where.add_argument("--from-heimdall", metavar="POSTGRES_URL",
+                       help="Heimdall's database (read-only; IQ from --raw-iq-bucket on the S3 endpoint of "
+                            "HEIMDALL_S3_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY); reruns add new sessions only")
+    i.add_argument("--raw-iq-bucket", default=None, metavar="BUCKET",
+                   help="Heimdall's raw-IQ bucket, read-only (default heimdall-raw-iq)")
+    i.add_argument("--iq-sample-rate-hz", type=float, default=None, metavar="HZ",
+                   help="the true IQ sample rate, required when measurements record another rate than the network's "
+                        "(Heimdall records 12500 for 12 kHz captures)")
     i.add_argument("--shard-size", type=int, default=250)
     for p in (g, d, v, x, i, m, sub.choices["list"]):
         add_data_args(p)
@@ -157,6 +169,9 @@ def _migrate(args: argparse.Namespace, settings: DataSettings) -> None:
 
 
 def _import(args: argparse.Namespace, settings: DataSettings) -> None:
+    if args.from_heimdall is not None:
+        _import_heimdall(args, settings)
+        return
     from heimdall.realdata import check_sessions, import_sessions
 
     check_sessions(args.source)  # careless captures fail before a catalogue or store is created
@@ -164,6 +179,24 @@ def _import(args: argparse.Namespace, settings: DataSettings) -> None:
     with catalog:
         info = import_sessions(catalog, store, args.dataset, args.source, shard_size=args.shard_size)
     print(f"imported {info.n_recordings} recordings into dataset {info.name!r} ({info.n_shards} shards)")
+
+
+def _import_heimdall(args: argparse.Namespace, settings: DataSettings) -> None:
+    from heimdall.store import S3Settings
+    from heimdall.upstream import HeimdallImportConfig, PostgresSource, RawIqBucket, import_from_heimdall
+
+    given = {"raw_iq_bucket": args.raw_iq_bucket, "iq_sample_rate_hz": args.iq_sample_rate_hz,
+             "shard_size": args.shard_size}
+    config = HeimdallImportConfig(**{k: v for k, v in given.items() if v is not None})
+    bucket = RawIqBucket(S3Settings.from_env(), config.raw_iq_bucket)
+    store, catalog = settings.open_store(), settings.open_catalog()
+    print(f"catalogue: {catalog.describe()}\nstore:     {store.describe()}")
+    with PostgresSource(args.from_heimdall) as source, catalog:
+        print(f"reading:   {source.describe()} and {bucket.describe()} (read-only)")
+        with tqdm(total=0, unit="rec", desc=f"import {args.dataset}") as bar:
+            report = import_from_heimdall(catalog, store, args.dataset, source, bucket, config=config,
+                                          progress=bar.update, on_plan=lambda n: bar.reset(total=n))
+    print(report.text())
 
 
 COMMANDS = {"generate": _generate, "describe": _describe, "list": _list, "verify": _verify,
