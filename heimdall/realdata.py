@@ -17,6 +17,10 @@ sample rate, another dtype or non-finite samples are refused with the file
 named. A receiver is heard when it has a file and, if its ``snr_db`` is
 given, it reaches the generator's SNR threshold.
 
+Splits are by transmitter: sessions with the same transmitter position share a
+``split_group`` (recorded in the dataset config), a session without one is its
+own group (:func:`heimdall.groups.allocate_groups`).
+
 Every ``metadata.json`` is checked before anything is written (:func:`read_metadata`):
 latitude in [-90, 90], longitude in [-180, 180], finite numbers elsewhere, a
 frequency > 0, known station ids; a field left out (or ``null``) means unknown.
@@ -28,13 +32,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from heimdall.catalog import Catalog, DatasetInfo
+from heimdall.datasets import SplitConfig
 from heimdall.errors import AlreadyExistsError, DataError, NotFoundError
+from heimdall.groups import allocate_groups
 from heimdall.receivers import STATION_IDS, station_index
 from heimdall.scene import GeneratorConfig
 from heimdall.shards import ShardData
@@ -221,6 +228,14 @@ def check_sessions(source: Path, cfg: ImportConfig = ImportConfig()) -> list[Pat
     return folders
 
 
+def _group_key(folder: Path, cfg: ImportConfig) -> str:
+    """Sessions of one transmitter position share a split (chunks and repeats never straddle train and test)."""
+    tx = read_metadata(folder / "metadata.json", cfg).get("transmitter") or {}
+    if tx.get("lat") is not None and tx.get("lon") is not None:
+        return f"position:{float(tx['lat']):.5f},{float(tx['lon']):.5f}"
+    return f"session:{folder.name}"
+
+
 def import_sessions(
     catalog: Catalog, store, name: str, source: Path, *, shard_size: int = 250, cfg: ImportConfig = ImportConfig()
 ) -> DatasetInfo:
@@ -234,8 +249,10 @@ def import_sessions(
     from heimdall.datasets import write_shard
 
     folders = check_sessions(source, cfg)
+    keys = [_group_key(f, cfg) for f in folders]
+    groups = allocate_groups(Counter(keys), {}, SplitConfig())
     manifest = {"source": str(Path(source).resolve()), "sessions": [f.name for f in folders],
-                "import": cfg.__dict__}
+                "import": cfg.__dict__, "split": {"by": "transmitter position/session", "groups": groups}}
     digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
     manifest["digest"] = digest
     catalog.initialize()
@@ -254,6 +271,8 @@ def import_sessions(
         chunk = folders[index * shard_size:(index + 1) * shard_size]
         loaded = [load_session(f, cfg) for f in chunk]
         labels = {k: np.stack([np.asarray(lab[k]) for _, lab in loaded]) for k in loaded[0][1]}
+        labels["split_group"] = np.array([groups[k] for k in keys[index * shard_size:(index + 1) * shard_size]],
+                                         dtype=np.int64)
         shard = ShardData(recording_id=index * shard_size + np.arange(len(chunk), dtype=np.int64),
                           iq=np.stack([iq for iq, _ in loaded]), labels=labels,
                           sample_rate_hz=cfg.sample_rate_hz, iq_reference_dbm=cfg.iq_reference_dbm)

@@ -66,3 +66,16 @@ def test_unknown_receiver_lists_valid_ids(tmp_path: Path) -> None:
     folder = write_session(tmp_path, "s", {"paris": noise()})
     with pytest.raises(DataError, match="unknown receiver id 'paris'; valid ids are giaveno"):
         load_session(folder)
+
+
+def test_sessions_of_one_transmitter_share_a_split_group(tmp_path: Path, local_store) -> None:
+    tx = {"lat": 45.0, "lon": 7.7, "power_dbm": 37}
+    write_session(tmp_path, "a", {"torino": noise()}, transmitter=tx)
+    write_session(tmp_path, "b", {"milano": noise(seed=1)}, transmitter=tx)
+    write_session(tmp_path, "c", {"genova": noise(seed=2)})
+    with open_catalog(f"sqlite:///{tmp_path / 'c.db'}") as catalog:
+        import_sessions(catalog, local_store, "field", tmp_path, shard_size=2)
+        groups = catalog.recordings("field")["split_group"]
+        config = catalog.get_dataset("field").config
+    assert groups[0] == groups[1] != groups[2]
+    assert set(config["split"]["groups"]) == {"position:45.00000,7.70000", "session:c"}
