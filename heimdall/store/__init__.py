@@ -4,7 +4,7 @@
 
     open_store("data/store")                  # LocalStore (a plain path)
     open_store("file:///srv/heimdall/store")  # LocalStore
-    open_store("s3://heimdall-raw-iq/v1")     # S3Store, settings from the environment
+    open_store("s3://heimdall-datasets/v1")    # S3Store, settings from the environment
 
 The S3 backend and its SDK are imported only when an ``s3://`` URL is opened.
 """

@@ -165,7 +165,7 @@ class S3Store:
         prefix = prefix.strip("/")
         problems = [] if _BUCKET_RE.fullmatch(bucket) and ".." not in bucket else [
             f"bucket name must be 3-63 characters of a-z, 0-9, '.', '-' starting and ending "
-            f"with a letter or digit, got {bucket!r}; e.g. 'heimdall-raw-iq'"
+            f"with a letter or digit, got {bucket!r}; e.g. 'heimdall-datasets'"
         ]
         if prefix:
             try:
