@@ -1,6 +1,8 @@
 """Import real Heimdall captures into shards, so they can join synthetic data.
 
-Input layout (what Heimdall's recorder writes to ``heimdall-raw-iq``)::
+Input layout: a folder of captures exported by hand (a Heimdall installation's own
+database and raw-IQ bucket are read directly by :mod:`heimdall.upstream`, with
+``python -m tuning.data import --from-heimdall``)::
 
     SOURCE/sessions/{session}/websdr_{station}.npy   complex64 IQ, 1-D, one per receiver that recorded
     SOURCE/sessions/{session}/metadata.json          the session's measurement rows
