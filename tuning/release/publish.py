@@ -13,8 +13,11 @@ configured (``HEIMDALL_S3_ENDPOINT`` or ``AWS_ENDPOINT_URL_S3``, keys from
 
     aws s3 ls s3://heimdall-models/localization-v0.1.0.onnx --endpoint-url $HEIMDALL_S3_ENDPOINT
 
-Versions: the first release is 0.1.0, each new content bumps the patch of the
-highest version present. Publishing content that is already released (same
+Versions: ``MAJOR.MINOR`` is the serving contract the file follows
+(:data:`CONTRACT_VERSION`, docs/onnx-contract.md), the patch counts releases
+under it: each new content bumps the patch of the highest version present, and
+the first release under a new contract is ``MAJOR.MINOR.0`` (0.1.0 today).
+Publishing content that is already released (same
 :func:`tuning.release.onnx.content_sha256`) returns that release instead of a new one,
 so publication is idempotent; an existing object is never overwritten.
 """
@@ -32,10 +35,13 @@ from heimdall.store import BlobStore
 from tuning.release.onnx import content_sha256, file_sha256, with_model_version
 from tuning.settings import MODELS_BUCKET
 
-__all__ = ["MODELS_BUCKET", "FIRST_VERSION", "Publication", "model_key", "card_key",
+__all__ = ["MODELS_BUCKET", "CONTRACT_VERSION", "FIRST_VERSION", "Publication", "model_key", "card_key",
            "parse_version", "next_version", "released_versions", "find_release", "publish"]
 
-FIRST_VERSION = "0.1.0"
+#: The serving contract (docs/onnx-contract.md, "Versioning"): MINOR for additions a reader may ignore,
+#: MAJOR for anything a reader of the previous contract would misread.
+CONTRACT_VERSION = (0, 1)
+FIRST_VERSION = f"{CONTRACT_VERSION[0]}.{CONTRACT_VERSION[1]}.0"
 _KEY_RE = re.compile(r"^localization-v(\d+)\.(\d+)\.(\d+)\.(onnx|json)$")
 _VERSION_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
 
@@ -97,11 +103,12 @@ def parse_version(version: str) -> tuple[int, int, int]:
     return int(m[1]), int(m[2]), int(m[3])
 
 
-def next_version(existing: Iterable[str]) -> str:
-    """The version after the highest of ``existing`` (patch + 1), or :data:`FIRST_VERSION`."""
+def next_version(existing: Iterable[str], contract: tuple[int, int] = CONTRACT_VERSION) -> str:
+    """The version after the highest of ``existing`` (patch + 1), or ``contract``'s first (``MAJOR.MINOR.0``)
+    when nothing was released under that contract yet."""
     versions = sorted(parse_version(v) for v in existing)
-    if not versions:
-        return FIRST_VERSION
+    if not versions or versions[-1][:2] < tuple(contract):
+        return f"{contract[0]}.{contract[1]}.0"
     major, minor, patch = versions[-1]
     return f"{major}.{minor}.{patch + 1}"
 
