@@ -222,10 +222,12 @@ class Registry:
             return run.info.run_id
 
     def log_release(self, run_id: str, *, onnx_path: Path, files: Sequence[Path], plots: Sequence[Path],
-                    manifest: Mapping[str, Any] | None, tags: Mapping[str, str]) -> None:
+                    manifest: Mapping[str, Any] | None, tags: Mapping[str, str],
+                    metrics: Mapping[str, float] | None = None) -> None:
         """Attach the release to a run: the ONNX model (MLflow ``onnx`` flavor, under ``model/``),
         files (card, parity report, search space), plots (under ``plots/``), the shard
-        manifest as a logged input, and tags. Skipped when the run already carries this release.
+        manifest as a logged input, metrics (step 0; NaN kept, MLflow stores it) and tags.
+        Skipped when the run already carries this release.
         """
         with self._call(f"log the release artefacts to run {run_id}"):
             run = self.client.get_run(run_id)
@@ -239,6 +241,11 @@ class Registry:
                 self.client.log_artifact(run_id, str(p), "plots")
             if manifest:
                 self._log_manifest(run_id, manifest)
+            if metrics:
+                from mlflow.entities import Metric
+
+                now = int(time.time() * 1000)
+                self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())])
             for key, value in {**tags, f"{TAG}best": "true", f"{TAG}release_logged": "true"}.items():
                 self.client.set_tag(run_id, key, value)
 

@@ -7,7 +7,21 @@ everything after it) → model card → **everything is now on disk** in the
 export directory → publish ``localization-v{version}.onnx`` + card to the
 models store → MLflow: one run per trial, artefacts on the best run, a version
 of ``heimdall-localization``, and the ``champion`` alias moved only when the
-new version beats the current champion on the same held-out recordings.
+new version beats the current champion on the same **validation** recordings.
+
+Which split chooses the champion. The champion is a selection among models,
+so it is decided on the selection set the study already uses: the ``val``
+split (the study picks its best trial and calibrates the ellipses there).
+The ``test`` split chooses nothing: the parity gate runs on it (onnxruntime
+against PyTorch, a pass/fail on agreement, not on accuracy) and its metrics
+are reported in the model card (``metrics.held_out_onnxruntime``, marked
+report-only) and in MLflow under ``report_only`` names, so no release ever
+tunes to it. A separate selection split was not chosen: it would take
+recordings from training and redraw every existing dataset's splits, to
+remove a bias all candidates of a study share (each was picked on ``val``;
+the test report stays the unbiased number). Compare models trained on the
+same dataset: a champion from another dataset may have trained on this
+dataset's validation recordings.
 
 When S3 or MLflow is down the export directory keeps everything, and
 ``python -m tuning.register --from DIR`` finishes the job (idempotent: the same
@@ -59,12 +73,17 @@ MODEL_FILE = "model.onnx"
 CARD_FILE = "model_card.json"
 PARITY_FILE = "parity.json"
 HELDOUT_FILE = "heldout.npz"
+SELECTION_FILE = "selection.npz"
 REQUEST_FILE = "registration.json"
 STATUS_FILE = "status.json"
 SPACE_FILE = "search_space.json"
 PLOTS_DIR = "plots"
-#: The champion is compared on this held-out metric (lower is better).
+#: The champion is compared on this metric (lower is better) ...
 CHAMPION_METRIC = "median_km"
+#: ... on this split's recordings; the test split is only reported.
+SELECTION_SPLIT = "val"
+#: Prefix of the MLflow tags and metrics that report the test split and choose nothing.
+REPORT_ONLY = "report_only"
 
 
 @dataclass(frozen=True)
@@ -103,7 +122,8 @@ class ExportRequest:
 
     Attributes:
         checkpoint: the best trial's checkpoint (Lightning or ``calibrated.ckpt``).
-        splits: ``val`` (calibration) and ``test`` (held out) from :func:`heimdall.data.load_feature_splits`.
+        splits: ``val`` (calibration, champion selection) and ``test`` (parity gate, report only) from
+            :func:`heimdall.data.load_feature_splits`.
         out_dir: the export directory (created; a previous export there is replaced).
         study: the study and its trials (logged to MLflow).
         settings: the models store and MLflow.
@@ -153,13 +173,14 @@ def prepare_export(request: ExportRequest) -> Path:
     """Export ``request.checkpoint`` into ``request.out_dir`` and gate it; nothing leaves the machine.
 
     Load (refused if it does not match its config) → calibrate on val and
-    evaluate → ONNX → parity gate on test → plots, card and ``registration.json``.
+    evaluate → ONNX → parity gate on test → score the file on val (the
+    champion is chosen on that later) → plots, card and ``registration.json``.
 
     Returns:
         ``request.out_dir``.
 
     Raises:
-        DataError: the test split is empty.
+        DataError: the test or the validation split is empty.
         CheckpointError: the checkpoint is not a plain-data checkpoint of this module (a DataError).
         ConfigError: the checkpoint does not match its config.
         ExportError: the exporter failed.
@@ -169,12 +190,14 @@ def prepare_export(request: ExportRequest) -> Path:
 
     r, out = request, request.out_dir
     dataset = str((r.lineage or {}).get("dataset", ""))
-    _require_test_split(r.splits, dataset)
+    _require_split(r.splits, "test", dataset, "to gate the export on")
+    _require_split(r.splits, SELECTION_SPLIT, dataset, "to choose the champion on")
     module = load_checkpoint(r.checkpoint, r.expected, r.feature_config)
     evaluation = evaluate_split(module, dict(r.splits), generator_config=dict(r.generator_config) if r.generator_config else None)
     held = HeldOut.from_split(r.splits["test"], module, dataset=dataset)
+    selection = HeldOut.from_split(r.splits[SELECTION_SPLIT], module, dataset=dataset, split=SELECTION_SPLIT)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in (REQUEST_FILE, STATUS_FILE, CARD_FILE):
+    for stale in (REQUEST_FILE, STATUS_FILE, CARD_FILE, SELECTION_FILE):
         (out / stale).unlink(missing_ok=True)
     metadata = build_metadata(module, space=r.space)
     model_path = export_onnx(module, out / MODEL_FILE, metadata)
@@ -187,29 +210,44 @@ def prepare_export(request: ExportRequest) -> Path:
     study = r.study
     study_doc = {"name": study.name, "best_trial_id": study.best_trial_id, "objective": study.objective,
                  "n_trials": len(study.trials)}
+    selected = _selection_record(selection, model_path, module)
     card = build_model_card(module=module, metadata=metadata, evaluation=evaluation, parity=parity, held=held,
                             lineage=r.lineage, space=space_doc, study=study_doc, seeds=study.seeds, content_digest=digest)
+    card["selection"] = selected
+    card["held_out"]["use"] = "report only: the test split chooses nothing (the champion is chosen on 'selection')"
     held.save(out / HELDOUT_FILE)
+    selection.save(out / SELECTION_FILE)
     plots = _collect_plots(out, study.plots, model_path, held, module)
     if space_doc:
         _write_json(out / SPACE_FILE, space_doc)
     _write_json(out / CARD_FILE, card)
     _write_json(out / REQUEST_FILE, {
-        "format": 1, "study": replace(study, plots=tuple(plots)).to_dict(), "lineage": dict(r.lineage) if r.lineage else None,
+        "format": 2, "study": replace(study, plots=tuple(plots)).to_dict(), "lineage": dict(r.lineage) if r.lineage else None,
+        "selection": selected,
         "model_sha256": file_sha256(model_path), "content_sha256": digest, "checkpoint": str(r.checkpoint)})
     return out
 
 
-def _require_test_split(splits: Mapping[str, HeimdallDataset], dataset: str) -> None:
-    """The gate and the card need held-out recordings: refuse an empty test split before exporting."""
+def _require_split(splits: Mapping[str, HeimdallDataset], split: str, dataset: str, purpose: str) -> None:
+    """The gate and the card need test recordings, the champion decision validation ones: refuse before exporting."""
     from heimdall.datasets import SplitConfig
 
-    if "test" not in splits or len(splits["test"]) == 0:
+    if split not in splits or len(splits[split]) == 0:
         counts = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
-        raise DataError(f"dataset {dataset or '(unnamed)'!r} has no recordings in its test split ({counts}): nothing "
-                        f"to gate the export on; fix: use a dataset with more labelled recordings (about "
-                        f"{SplitConfig().test_fraction:.0%} land in test), e.g. "
+        share = SplitConfig().test_fraction if split == "test" else SplitConfig().val_fraction
+        raise DataError(f"dataset {dataset or '(unnamed)'!r} has no recordings in its {split} split ({counts}): nothing "
+                        f"{purpose}; fix: use a dataset with more labelled recordings (about "
+                        f"{share:.0%} land in {split}), e.g. "
                         "python -m tuning.data generate --dataset NAME --recordings 1000")
+
+
+def _selection_record(selection: HeldOut, model_path: Path, module: Any) -> dict[str, Any]:
+    """The exported file scored with onnxruntime on the selection split: what the champion decision compares."""
+    s = module.target_scaling
+    outputs = run_onnx(onnx_session(model_path), selection.features, selection.mask)
+    metrics = report_from_outputs(outputs, selection, (s.origin_lat, s.origin_lon)).to_dict()
+    return {"split": selection.split, "n": len(selection), "recordings_sha256": selection.digest(),
+            "metric": CHAMPION_METRIC, "metrics_onnxruntime": metrics}
 
 
 def _collect_plots(out: Path, given: Sequence[str], model_path: Path, held: HeldOut, module: Any) -> list[str]:
@@ -240,13 +278,19 @@ def _space_document(space: SearchSpace | None) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class GatedExport:
-    """A gated export directory, read back."""
+    """A gated export directory, read back.
+
+    Attributes:
+        held: the test recordings (parity gate and report only).
+        selection: the validation recordings the champion is chosen on.
+    """
 
     root: Path
     request: Mapping[str, Any]
     card: Mapping[str, Any]
     parity: ParityReport
     held: HeldOut
+    selection: HeldOut
 
     @classmethod
     def load(cls, root: Path) -> GatedExport:
@@ -256,12 +300,13 @@ class GatedExport:
             parity = ParityReport.from_dict(json.loads(parity_path.read_text()))
             if not parity.passed:
                 raise GateFailed(parity, str(parity_path))
-        for name in (MODEL_FILE, REQUEST_FILE, CARD_FILE, PARITY_FILE, HELDOUT_FILE):
+        for name in (MODEL_FILE, REQUEST_FILE, CARD_FILE, PARITY_FILE, HELDOUT_FILE, SELECTION_FILE):
             if not (root / name).is_file():
                 raise DataError(f"{root} is not a complete export: {name} is missing; fix: export again "
                                 f"(python -m tuning.register --checkpoint CKPT --dataset NAME --out {root})")
         export = cls(root, json.loads((root / REQUEST_FILE).read_text()), json.loads((root / CARD_FILE).read_text()),
-                     ParityReport.from_dict(json.loads(parity_path.read_text())), HeldOut.load(root / HELDOUT_FILE))
+                     ParityReport.from_dict(json.loads(parity_path.read_text())), HeldOut.load(root / HELDOUT_FILE),
+                     HeldOut.load(root / SELECTION_FILE))
         export.check_gate()
         return export
 
@@ -277,6 +322,11 @@ class GatedExport:
     @property
     def study(self) -> StudyRecord:
         return StudyRecord.from_dict(self.request["study"])
+
+    @property
+    def selection_metrics(self) -> Mapping[str, float]:
+        """onnxruntime's metrics on :attr:`selection` (computed at export)."""
+        return self.request["selection"]["metrics_onnxruntime"]
 
 
 def register_export(export_dir: str | Path, settings: RegistrySettings, *, force_champion: bool = False) -> RegistrationResult:
@@ -329,18 +379,17 @@ def _register_in_mlflow(export: GatedExport, publication: Publication, settings:
     experiment_id = registry.experiment(study.name)
     run_ids = registry.log_trials(experiment_id, study)
     release_run = registry.release_run(experiment_id, study.name, study.best_trial_id, run_ids)
-    metrics = export.parity.metrics_onnx
     tags = {f"{TAG}content_sha256": publication.content_sha256, f"{TAG}sha256": publication.sha256,
             f"{TAG}model_version": publication.version, f"{TAG}models_store": publication.store,
             f"{TAG}model_key": publication.model_key, f"{TAG}study": study.name,
-            f"{TAG}heldout_sha256": export.parity.heldout_sha256, f"{TAG}heldout_n": str(export.parity.n),
-            f"{TAG}heldout_median_km": repr(metrics["median_km"]), f"{TAG}heldout_nll_km": repr(metrics["nll_km"])}
+            **_selection_tags(export), **_report_only_tags(export)}
     files = [export.root / n for n in (publication.card_key, PARITY_FILE, SPACE_FILE) if (export.root / n).is_file()]
     plots = [export.root / p for p in study.plots if (export.root / p).is_file()]
     registry.log_release(release_run, onnx_path=Path(publication.local_path), files=files, plots=plots,
-                         manifest=export.request.get("lineage"), tags=tags)
+                         manifest=export.request.get("lineage"), tags=tags, metrics=_release_metrics(export))
     version = registry.register(release_run, tags)
-    comparison = _champion_decision(registry, version, export, force_champion)
+    comparison = _champion_decision(registry, version, export.selection, export.selection_metrics[CHAMPION_METRIC],
+                                    _origin(export.card), export.root, force_champion)
     registry.set_version_tags(version.version, {f"{TAG}champion_comparison": json.dumps(comparison, sort_keys=True)})
     if comparison["decision"] == "promoted":
         registry.set_champion(version.version)
@@ -350,19 +399,51 @@ def _register_in_mlflow(export: GatedExport, publication: Publication, settings:
                               experiment_id, release_run, run_ids)
 
 
-def _champion_decision(registry: Registry, new: VersionInfo, export: GatedExport, force: bool) -> dict[str, Any]:
-    """Compare the new version with the champion on the export's held-out recordings."""
-    held, origin = export.held, _origin(export.card)
-    new_value = export.parity.metrics_onnx[CHAMPION_METRIC]  # onnxruntime on these recordings, in this frame
-    base = {"metric": CHAMPION_METRIC, "heldout_sha256": held.digest(), "n": len(held),
-            "new": {"version": new.version, "value": new_value}}
+def _selection_tags(export: GatedExport) -> dict[str, str]:
+    """Model-version tags: which recordings chose the champion, and the new version's score on them."""
+    metrics, selection = export.selection_metrics, export.selection
+    return {f"{TAG}selection_split": selection.split, f"{TAG}selection_sha256": selection.digest(),
+            f"{TAG}selection_n": str(len(selection)), f"{TAG}selection_median_km": repr(metrics["median_km"]),
+            f"{TAG}selection_nll_km": repr(metrics["nll_km"])}
+
+
+def _report_only_tags(export: GatedExport) -> dict[str, str]:
+    """Model-version tags of the test split: reported for people, never read by a decision."""
+    metrics, prefix = export.parity.metrics_onnx, f"{TAG}{REPORT_ONLY}.test_"
+    return {f"{prefix}sha256": export.parity.heldout_sha256, f"{prefix}n": str(export.parity.n),
+            f"{prefix}median_km": repr(metrics["median_km"]), f"{prefix}nll_km": repr(metrics["nll_km"])}
+
+
+def _release_metrics(export: GatedExport) -> dict[str, float]:
+    """Release-run metrics: onnxruntime on the selection split, and on the test split under ``report_only/``."""
+    selection = {f"selection/{SELECTION_SPLIT}_{k}": v for k, v in export.selection_metrics.items()}
+    test = {f"{REPORT_ONLY}/test_{k}": v for k, v in export.parity.metrics_onnx.items()}
+    return {k: float(v) for k, v in {**selection, **test}.items() if isinstance(v, numbers.Real)}
+
+
+def _champion_decision(registry: Registry, new: VersionInfo, selection: HeldOut, new_value: float,
+                       origin: tuple[float, float], workdir: Path, force: bool) -> dict[str, Any]:
+    """Compare the new version with the champion on the selection (validation) recordings.
+
+    The test split is deliberately not an argument: nothing here can read it.
+
+    Args:
+        new: the version just registered.
+        selection: the validation recordings of the new version's dataset.
+        new_value: the new file's :data:`CHAMPION_METRIC` on ``selection`` (onnxruntime, its own frame).
+        origin: the new model's frame origin (the champion is scored in the same frame).
+        workdir: where the champion's file is downloaded (a temporary folder inside it).
+        force: promote whatever the comparison says.
+    """
+    base = {"metric": CHAMPION_METRIC, "split": selection.split, "selection_sha256": selection.digest(),
+            "n": len(selection), "new": {"version": new.version, "value": new_value}}
     current = registry.champion()
     if current is None:
         return {**base, "champion": None, "decision": "promoted", "reason": "no champion yet"}
     if current.version == new.version:
         return {**base, "champion": {"version": current.version, "value": new_value}, "decision": "promoted",
                 "reason": "already the champion"}
-    value, how = _champion_value(registry, current, held, origin, export.root)
+    value, how = _champion_value(registry, current, selection, origin, workdir)
     base["champion"] = {"version": current.version, "value": value, "how": how}
     if force:
         return {**base, "decision": "promoted", "reason": "forced (--force-champion)"}
@@ -371,20 +452,21 @@ def _champion_decision(registry: Registry, new: VersionInfo, export: GatedExport
     better = new_value < value
     return {**base, "decision": "promoted" if better else "kept",
             "reason": f"{CHAMPION_METRIC} {new_value:.4g} {'<' if better else '>='} champion's {value:.4g} "
-                      f"on the same {len(held)} held-out recordings"}
+                      f"on the same {len(selection)} {selection.split} recordings"}
 
 
 def _champion_value(registry: Registry, champion: VersionInfo, held: HeldOut, origin: tuple[float, float],
                     workdir: Path) -> tuple[float | None, str]:
-    """The champion's metric on ``held``: recomputed from its file, or its tag if it was scored on the same set."""
+    """The champion's metric on the selection recordings ``held``: recomputed from its file, or its tag if it
+    was scored on the same recordings."""
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         path = registry.download_onnx(champion, Path(tmp))
         meta = ModelMetadata.from_file(path)
         if meta.feature_config == held.feature_config and list(meta.receivers) == list(_receivers()):
             outputs = run_onnx(onnx_session(path), held.features, held.mask)
             return report_from_outputs(outputs, held, origin).to_dict()[CHAMPION_METRIC], "recomputed with onnxruntime"
-    if champion.tags.get(f"{TAG}heldout_sha256") == held.digest() and champion.tags.get(f"{TAG}heldout_median_km"):
-        return float(champion.tags[f"{TAG}heldout_median_km"]), "its tag (scored on the same recordings)"
+    if champion.tags.get(f"{TAG}selection_sha256") == held.digest() and champion.tags.get(f"{TAG}selection_median_km"):
+        return float(champion.tags[f"{TAG}selection_median_km"]), "its tag (scored on the same recordings)"
     return None, "the champion uses other features or receivers and was scored on other recordings"
 
 
