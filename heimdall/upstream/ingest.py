@@ -31,7 +31,7 @@ from heimdall.store import BlobStore
 from heimdall.upstream.objects import RawIqBucket
 from heimdall.upstream.offsets import dataset_station_offsets
 from heimdall.upstream.recordings import Plan, PlannedRecording, load_recording, plan_recordings
-from heimdall.upstream.source import Session, Snapshot, UpstreamSource
+from heimdall.upstream.source import Session, UpstreamSource
 
 __all__ = ["HeimdallImportConfig", "ImportReport", "import_from_heimdall", "resolve_sample_rate"]
 
@@ -87,6 +87,7 @@ class ImportReport:
     sample_rate: str = ""
     one_based_chunk_folders: int = 0
     groups_by_split: dict[str, int] = field(default_factory=dict)
+    new_groups_by_split: dict[str, int] = field(default_factory=dict)
     resumed_shards: int = 0
     dataset_recordings: int = 0
     station_offsets: StationOffsets | None = None
@@ -116,7 +117,10 @@ class ImportReport:
                 lines.append(f"chunk keys: {self.one_based_chunk_folders} session folder(s) number chunk objects from 1 "
                              f"while iq_data_location counts from 0 (read by the existing key)")
             lines.append("split groups (transmitters, or sessions without one): "
-                         + ", ".join(f"{k} {v}" for k, v in self.groups_by_split.items()))
+                         + ", ".join(f"{k} {v}" for k, v in self.groups_by_split.items())
+                         + f"; new this run: {sum(self.new_groups_by_split.values())}"
+                         + "".join(f", {k} {v}" for k, v in self.new_groups_by_split.items() if v)
+                         + " (groups seen before keep their split)")
             if self.station_offsets is not None:
                 lines.append("station offsets (stored as station_offsets_db):\n" + self.station_offsets.summary())
         if self.rejects:
@@ -183,13 +187,13 @@ def _state(catalog: Catalog, name: str, source: UpstreamSource, cfg: HeimdallImp
                   c.get("pending") if info.status != "complete" else None)
 
 
-def _select(snapshot: Snapshot, state: _State, report: ImportReport) -> list[Session]:
+def _select(sessions: list[Session], state: _State, report: ImportReport) -> list[Session]:
     if state.pending is not None:
         wanted = set(state.pending["sessions"])
-        return [s for s in snapshot.sessions if s.id in wanted]
+        return [s for s in sessions if s.id in wanted]
     done = set(state.imported)
     out = []
-    for s in snapshot.sessions:
+    for s in sessions:
         if s.id in done:
             continue
         if s.status != "completed":
@@ -250,14 +254,14 @@ def import_from_heimdall(
     if not bucket.exists():
         raise NotFoundError(f"raw-IQ bucket {bucket.describe()} does not exist; fix: pass --raw-iq-bucket with the "
                             f"bucket Heimdall writes IQ to (MINIO_BUCKET_RAW_IQ, default heimdall-raw-iq)")
-    snapshot = source.snapshot()
-    sessions = _select(snapshot, state, report)
+    snapshot = source.snapshot(lambda rows: _select(rows, state, report))
+    sessions = snapshot.selected
     plan = plan_recordings(snapshot, sessions, config.raw_iq_bucket, bucket.list)
     report.rejects.update(plan.rejects)
     if not plan.recordings:
         if state.info is None:
             raise DataError(f"{source.describe()} holds no recording to import ({len(snapshot.sessions)} session(s), "
-                            f"{len(snapshot.measurements)} measurement(s), {len(sessions)} completed and new); "
+                            f"{len(sessions)} completed and new with {len(snapshot.measurements)} measurement(s)); "
                             f"fix: record a session in Heimdall first, or check the database URL")
         return report
     rate, note, recorded = _rate(plan, config)
@@ -272,7 +276,9 @@ def import_from_heimdall(
         on_plan(len(plan.recordings))
     _write(catalog, store, name, plan, bucket.get, groups, (first_shard, first_id), config, report, progress)
     report.station_offsets = dataset_station_offsets(catalog, store, name)
-    _finish(catalog, name, source, config, sessions, plan, report, groups, sizes, {"recorded": recorded, "read_as": rate})
+    new_groups = set(state.pending.get("new_groups", ())) if state.pending is not None else set(groups) - set(state.groups)
+    _finish(catalog, name, source, config, sessions, plan, report, groups, new_groups, sizes,
+            {"recorded": recorded, "read_as": rate})
     return report
 
 
@@ -289,7 +295,8 @@ def _open(catalog: Catalog, store: BlobStore, name: str, source: UpstreamSource,
         first_shard = max((s.index for s in shards), default=-1) + 1
         ids = catalog.recordings(name)["recording_id"]
         first_id = int(ids.max()) + 1 if ids.size else 0
-    pending = {"sessions": [s.id for s in sessions], "first_shard": first_shard, "first_recording_id": first_id}
+    pending = {"sessions": [s.id for s in sessions], "first_shard": first_shard, "first_recording_id": first_id,
+               "new_groups": sorted(set(groups) - set(state.groups))}
     conf = _config(source, cfg, state, rate_info, groups, sizes, pending, {})
     planned = (state.info.n_recordings if state.info else 0) + len(plan.recordings)
     if state.info is None:
@@ -344,14 +351,16 @@ def _load_shard(chunk: list[PlannedRecording], first_id: int, groups: dict[str, 
 
 
 def _finish(catalog: Catalog, name: str, source: UpstreamSource, cfg: HeimdallImportConfig, sessions: list[Session],
-            plan: Plan, report: ImportReport, groups: dict[str, int], sizes: dict[str, int],
+            plan: Plan, report: ImportReport, groups: dict[str, int], new_groups: set[str], sizes: dict[str, int],
             rate_info: dict[str, Any]) -> None:
     """Record the run in the dataset config and mark the dataset complete."""
     state_sessions = [*catalog.get_dataset(name).config.get("sessions", []), *(s.id for s in sessions)]
     report.sessions_imported = len(sessions)
     report.sessions_unlabelled = len({r.session.id for r in plan.recordings if not r.labelled})
     codes = split_assignment(np.asarray(list(groups.values()), dtype=np.int64), cfg.split)
+    new = np.asarray([k in new_groups for k in groups], dtype=bool)
     report.groups_by_split = {n: int((codes == i).sum()) for i, n in enumerate(_SPLIT_NAMES)}
+    report.new_groups_by_split = {n: int(((codes == i) & new).sum()) for i, n in enumerate(_SPLIT_NAMES)}
     extra = {"station_offsets_db": report.station_offsets.as_list()}
     state = _State(None, state_sessions, groups, sizes, None)
     conf = _config(source, cfg, state, rate_info, groups, sizes, None, extra)

@@ -119,7 +119,7 @@ def plan_recordings(snapshot: Snapshot, sessions: list[Session], bucket: str,
     """Group the measurements of ``sessions`` into recordings.
 
     Args:
-        snapshot: the database rows.
+        snapshot: the database rows (its ``unattributed`` count becomes the ``no session`` reject).
         sessions: the sessions to import (others' measurements are ignored).
         bucket: the raw-IQ bucket. Objects are read there whatever bucket a location names: upstream
             writes ``s3://heimdall-raw-iq/`` into every location, even when its bucket has another name.
@@ -132,13 +132,13 @@ def plan_recordings(snapshot: Snapshot, sessions: list[Session], bucket: str,
     wanted = {s.id: s for s in sessions}
     session_of = _session_of(snapshot)
     plan = Plan()
+    if snapshot.unattributed:
+        plan.rejects["no session"] = snapshot.unattributed
     grouped: dict[tuple[str, str, int | None], dict[int, tuple[Measurement, ObjectRef]]] = {}
     for m in snapshot.measurements:
         ref = parse_location(m.location)
         sid = session_of(m, ref) if ref is not None else m.session_id
         if sid not in wanted:
-            if sid is None and ref is not None:
-                plan.rejects["no session"] += 1
             continue
         if ref is None:
             plan.rejects["no location"] += 1

@@ -5,7 +5,9 @@ Only schema ``heimdall`` tables are read: ``websdr_stations``, ``known_sources``
 read-only (``SET SESSION CHARACTERISTICS ... READ ONLY``), so even a bug here
 cannot write to Heimdall's database: the server refuses it. The whole read is
 one repeatable-read snapshot, so rows added by a recording in progress meanwhile
-are seen by the next import, not half by this one.
+are seen by the next import, not half by this one. Only the measurements of the
+sessions being imported are read (the caller chooses them from the session rows
+inside the same transaction), so a rerun does not fetch every row again.
 
 Both upstream branches are read: ``develop`` links each measurement to its
 session (``measurements.recording_session_id``); ``main`` has no such column,
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -23,10 +26,13 @@ from typing import Any, Protocol
 from heimdall.catalog.sql import redact_url
 from heimdall.errors import DataError, ServiceUnavailableError
 
-__all__ = ["Station", "KnownSource", "Session", "Measurement", "Snapshot", "UpstreamSource", "PostgresSource"]
+__all__ = ["Station", "KnownSource", "Session", "Measurement", "Snapshot", "Chooser", "UpstreamSource", "PostgresSource"]
 
 SCHEMA = "heimdall"
 _TABLES = ("websdr_stations", "known_sources", "recording_sessions", "measurements")
+#: The folder of a location in either object layout, as :func:`heimdall.upstream.objects.parse_location` reads it.
+_FOLDER = (r"(regexp_match(iq_data_location, "
+           r"'^(s3://[^/]+/)?sessions/([^/]+)/(chunk_[0-9]+_)?websdr_[0-9]+\.npy$'))[2]")
 
 
 @dataclass(frozen=True)
@@ -90,9 +96,11 @@ class Snapshot:
     Attributes:
         stations: by id.
         sources: known sources by id.
-        sessions: ordered by start time, then id.
-        measurements: ordered by timestamp, then id.
+        sessions: every session, ordered by start time, then id.
+        selected: the sessions chosen for import, in the same order.
+        measurements: the measurements of ``selected`` only, ordered by timestamp, then id.
         session_links: whether ``measurements.recording_session_id`` exists (upstream ``develop``).
+        unattributed: measurements whose object folder is no session's and that link to none (never importable).
     """
 
     stations: dict[str, Station]
@@ -100,6 +108,12 @@ class Snapshot:
     sessions: list[Session]
     measurements: list[Measurement]
     session_links: bool
+    selected: list[Session]
+    unattributed: int = 0
+
+
+#: Chooses the sessions to import from every session row (in start order).
+Chooser = Callable[[list[Session]], list[Session]]
 
 
 class UpstreamSource(Protocol):
@@ -109,8 +123,9 @@ class UpstreamSource(Protocol):
         """Where the data comes from, without any password."""
         ...
 
-    def snapshot(self) -> Snapshot:
-        """Read every table the import needs, consistently."""
+    def snapshot(self, choose: Chooser | None = None) -> Snapshot:
+        """Read the rows the import needs, consistently: every session, and the measurements of those
+        ``choose`` picks from them (None: all)."""
         ...
 
     def close(self) -> None:
@@ -168,8 +183,9 @@ class PostgresSource:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def snapshot(self) -> Snapshot:
-        """Read stations, known sources, sessions and measurements in one read-only transaction.
+    def snapshot(self, choose: Chooser | None = None) -> Snapshot:
+        """Read stations, known sources, sessions, and the measurements of the sessions ``choose``
+        picks from them (None: every session), in one read-only transaction.
 
         Raises:
             DataError: schema ``heimdall`` lacks one of the tables (not a Heimdall database).
@@ -178,9 +194,11 @@ class PostgresSource:
             with self.connection.cursor() as cur:
                 columns = self._columns(cur)
                 links = "recording_session_id" in columns["measurements"]
-                return Snapshot(stations=self._stations(cur), sources=self._sources(cur),
-                                sessions=self._sessions(cur), measurements=self._measurements(cur, links),
-                                session_links=links)
+                sessions = self._sessions(cur)
+                selected = sessions if choose is None else choose(sessions)
+                return Snapshot(stations=self._stations(cur), sources=self._sources(cur), sessions=sessions,
+                                measurements=self._measurements(cur, links, selected), session_links=links,
+                                selected=selected, unattributed=self._unattributed(cur, links))
         finally:
             self.connection.rollback()  # ends the read-only transaction; there is nothing to commit
 
@@ -211,10 +229,30 @@ class PostgresSource:
                     f"celery_task_id FROM {SCHEMA}.recording_sessions ORDER BY session_start, id")
         return [Session(*r) for r in cur.fetchall()]
 
-    def _measurements(self, cur: Any, links: bool) -> list[Measurement]:
+    def _measurements(self, cur: Any, links: bool, sessions: list[Session]) -> list[Measurement]:
+        if not sessions:
+            return []
+        ids = [s.id for s in sessions]
+        # A row belongs to a session by its link (develop's chunks) or, unlinked, by its object folder:
+        # the session id (chunks) or its celery_task_id (single acquisitions; main has no link at all).
+        folders = ids + [s.celery_task_id for s in sessions if s.celery_task_id]
         session = "recording_session_id::text" if links else "NULL::text"
+        where = f"{_FOLDER} = ANY(%(folders)s)"
+        if links:
+            where = (f"recording_session_id = ANY(%(ids)s::uuid[]) "
+                     f"OR (recording_session_id IS NULL AND {where})")
         cur.execute(f"SELECT id::text, timestamp, websdr_station_id::text, {session}, frequency_hz, "
                     f"signal_strength_db, snr_db, iq_data_location, iq_sample_rate, iq_samples_count "
-                    f"FROM {SCHEMA}.measurements ORDER BY timestamp, id")
+                    f"FROM {SCHEMA}.measurements WHERE {where} ORDER BY timestamp, id",
+                    {"ids": ids, "folders": folders})
         return [Measurement(r[0], r[1], r[2], r[3], float(r[4]), _float(r[5]), _float(r[6]), r[7], r[8], r[9])
                 for r in cur.fetchall()]
+
+    def _unattributed(self, cur: Any, links: bool) -> int:
+        """Rows no session can claim, counted by the server (the report's ``no session``)."""
+        unlinked = "recording_session_id IS NULL AND " if links else ""
+        cur.execute(f"SELECT count(*) FROM (SELECT {_FOLDER} AS folder FROM {SCHEMA}.measurements "
+                    f"WHERE {unlinked}iq_data_location IS NOT NULL) m WHERE m.folder IS NOT NULL AND NOT EXISTS "
+                    f"(SELECT 1 FROM {SCHEMA}.recording_sessions s "
+                    f"WHERE s.id::text = m.folder OR s.celery_task_id = m.folder)")
+        return int(cur.fetchone()[0])

@@ -113,6 +113,7 @@ class HeimdallInstall:
     bucket: str
     expected: Expected
     db_name: str
+    session_links: bool = True
 
 
 def database_url(admin_url: str, db_name: str) -> str:
@@ -296,7 +297,36 @@ def build_heimdall(admin_url: str, s3: S3Settings, *, db_name: str, bucket: str,
         b.session("unknown-source", unknown_id, {}, chunks=2)
         b.session("still-recording", sid, tx, chunks=4, status="in_progress")
     conn.close()
-    return HeimdallInstall(url=url, bucket=bucket, expected=b.expected, db_name=db_name)
+    return HeimdallInstall(url=url, bucket=bucket, expected=b.expected, db_name=db_name, session_links=session_links)
+
+
+def add_sessions(install: HeimdallInstall, s3: S3Settings, *, seen_source: str, new_source: str, chunks: int = 3,
+                 seed: int = 11) -> tuple[Expected, dict[str, str]]:
+    """Record two more sessions in a built installation, later than every other: one of the known source named
+    ``seen_source`` (already imported), one of a new located source ``new_source``.
+
+    Returns:
+        What importing just these sessions should give, and the two sources' ids by name.
+    """
+    import psycopg2
+
+    conn = psycopg2.connect(install.url)
+    b = _Builder(None, S3Store(s3, install.bucket), np.random.default_rng(seed), install.session_links)
+    b.t0 = datetime(2025, 11, 1, 8, 0, tzinfo=UTC)
+    with conn, conn.cursor() as cur:
+        b.cur = cur
+        cur.execute("SELECT name, id::text FROM heimdall.websdr_stations")
+        b.stations = dict(cur.fetchall())
+        cur.execute("SELECT id::text, latitude, longitude, power_dbm, frequency_hz FROM heimdall.known_sources "
+                    "WHERE name = %s", (seen_source,))
+        seen_id, lat, lon, power, freq = cur.fetchone()
+        east, north = b.frame.to_local(lat, lon)
+        seen = {"east": float(east), "north": float(north), "lat": lat, "lon": lon, "power": power, "freq": float(freq)}
+        new_id, new = b.source(new_source, power=40.0)
+        b.session(f"{seen_source}-again", seen_id, seen, chunks=chunks)
+        b.session(f"{new_source}-first", new_id, new, chunks=chunks)
+    conn.close()
+    return b.expected, {seen_source: seen_id, new_source: new_id}
 
 
 def drop_heimdall(admin_url: str, s3: S3Settings, install: HeimdallInstall) -> None:
