@@ -38,6 +38,7 @@ def test_versions_start_at_0_1_0_and_bump_the_patch() -> None:
     assert next_version([]) == FIRST_VERSION == "0.1.0"
     assert next_version(["0.1.0", "0.1.9", "0.1.10"]) == "0.1.11"
     assert next_version(["0.2.0", "0.1.7"]) == "0.2.1"
+    assert next_version(["0.1.7"], contract=(1, 0)) == "1.0.0"  # a new serving contract starts at .0
     assert parse_version("1.2.3") == (1, 2, 3)
     with pytest.raises(ConfigError, match="MAJOR.MINOR.PATCH"):
         parse_version("v1.2")
@@ -218,9 +219,10 @@ def test_the_whole_chain_against_mlflow_server_and_s3(tmp_path: Path, mlflow_ser
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     d = tmp_path / "data"
     common = ["--data-dir", str(d)]
-    assert data_main(["generate", "--dataset", "tiny", "--recordings", "120", "--shard-size", "60", *common]) == 0
+    local = ["--store", str(d.resolve() / "store")]  # shards stay local although an S3 endpoint is set
+    assert data_main(["generate", "--dataset", "tiny", "--recordings", "120", "--shard-size", "60", *common, *local]) == 0
     assert train_main(["--dataset", "tiny", "--epochs", "2", "--batch-size", "32", "--threads", "1",
-                       "--out", str(tmp_path / "run"), *common]) == 0
+                       "--out", str(tmp_path / "run"), *common, *local]) == 0
     ckpt = tmp_path / "run" / "calibrated.ckpt"
     data = DataSettings(d.resolve(), f"sqlite:///{d.resolve() / 'catalog.db'}", str(d.resolve() / "store"))
     with data.open_catalog() as catalog:
