@@ -16,13 +16,14 @@ Model inverted, per recording (see :mod:`heimdall.scene`)::
 
 Likelihood of one recording given (x, P_tx): each heard receiver contributes the
 Gaussian density of its observed power; each receiver that did not hear
-contributes the censoring probability ``Phi((noise_floor_i + threshold - mean_i) / sigma)``.
+contributes the censoring probability ``Phi((noise_floor_i + threshold - mean_i) / sigma)``
+(``sigma`` here is ``hypot(sigma, s)``, see below).
 A heard receiver's power is already at or above its threshold, and the joint
 law of (heard_i, P_rx,i) on that event is just the Gaussian density, so no
 extra term appears. ``P_tx`` is marginalised on a grid, the position on a grid
 of cells covering the prior's support; everything is done in log space.
 
-Two facts the posterior relies on:
+Three facts the posterior relies on:
 
 - **The min_heard redraw cancels.** ``sample_scene`` keeps a recording only if
   at least ``min_heard`` receivers heard, an event A that is a function of the
