@@ -37,7 +37,8 @@ from heimdall.geometry import LocalFrame
 from heimdall.receivers import STATIONS, Station, network_centroid
 
 __all__ = ["Predictions", "HeldOutView", "TrialCurve", "TrialPoint", "ParetoView", "PageData", "FIGURES",
-           "build_page", "write_page", "trial_curves", "optuna_view", "held_out_view", "pareto_view", "summary_facts", "PAGE_FILE"]
+           "build_page", "write_page", "trial_curves", "optuna_view", "held_out_view", "pareto_view", "summary_facts", "study_page_data", "held_out_or_why",
+           "PAGE_FILE"]
 
 PAGE_FILE = "report.html"
 #: Figure ids of a complete page, in page order (each an ``<img>`` inside ``<figure id=...>``).
@@ -183,6 +184,14 @@ def build_page(data: PageData) -> str:
     import matplotlib
 
     matplotlib.use("Agg", force=False)  # no display on servers
+    import matplotlib.pyplot as plt
+
+    # Optuna's matplotlib plots switch the global style (ggplot) when they are drawn first.
+    with plt.style.context("default"):
+        return _document(data.study, "\n".join(_sections(data)))
+
+
+def _sections(data: PageData) -> list[str]:
     held = data.held_out
     sections = [_facts(data)]
     if isinstance(held, HeldOutView):
@@ -190,7 +199,7 @@ def build_page(data: PageData) -> str:
                      _figure("map", "Where the best trial errs", _map(held, data.stations),
                              f"Receivers (triangles) and held-out transmitters coloured by the best trial's error; "
                              f"1σ ellipses and predicted positions for {min(ELLIPSE_SAMPLE, len(held.truth_lat))} "
-                             f"recordings spread over the error range. {held.title}"),
+                             f"recordings spread over the error range. {held.title}."),
                      _figure("error-cdf", "Error CDF", _error_cdf(held),
                              "Share of held-out recordings located within a distance, per model."),
                      _figure("calibration", "Calibration", _calibration(held),
@@ -216,7 +225,7 @@ def build_page(data: PageData) -> str:
     if data.pareto is not None:
         sections.append(_figure("pareto", "Pareto front", _pareto(data),
                                 "Every trial with both objectives; the front joined, the exported trial starred."))
-    return _document(data.study, "\n".join(sections))
+    return sections
 
 
 def write_page(data: PageData, path: str | Path) -> Path:
@@ -598,6 +607,53 @@ def held_out_view(export_dir: Path, labels: Mapping[str, np.ndarray] | None = No
     baselines = [Predictions(name, *frame.to_geographic(m[:, 0], m[:, 1]), c)
                  for name, m, c in (("oracle", mean, cov), ("centre", c_mean, c_cov))]
     return HeldOutView(held.truth_lat[keep], held.truth_lon[keep], model, baselines, title)
+
+
+def study_page_data(study: Any, results: Sequence[Any], summary: Mapping[str, Any],
+                    held_out: HeldOutView | str) -> PageData:
+    """The page of a finished study.
+
+    Args:
+        study: its ``optuna.Study`` (states, values, importances).
+        results: its Tune results (learning curves).
+        summary: its ``summary.json`` (trials best first, objectives, Pareto front, export outcome).
+        held_out: :func:`held_out_view` of its export, or why there is none (:func:`held_out_or_why`).
+    """
+    points, importances = optuna_view(study)
+    pareto = pareto_view(summary)
+    objectives = tuple(pareto.objectives) if pareto else (str(summary.get("objective", "objective")),)
+    directions = tuple(d.name.lower() for d in study.directions)
+    rows = [r for r in summary.get("trials") or () if isinstance(r, Mapping)]
+    numbers = {str(r.get("trial_id")): r.get("number") for r in rows}
+    best = summary.get("best") or {}
+    chosen = pareto.chosen if pareto else best.get("number")
+    return PageData(study=study.study_name, objectives=objectives, directions=directions, best=chosen,
+                    curves=trial_curves(results, objectives[0], {p.number: p.state for p in points}, numbers),
+                    points=points, importances=importances, held_out=held_out, pareto=pareto,
+                    facts=summary_facts(summary))
+
+
+def held_out_or_why(summary: Mapping[str, Any], labels: Any = None,
+                    generator: Mapping[str, Any] | None = None) -> HeldOutView | str:
+    """:func:`held_out_view` of the export ``summary.json`` records, or a sentence saying why there is none.
+
+    Args:
+        summary: the study's summary (its ``export`` entry).
+        labels: a callable returning the dataset's catalogue labels (called only when an oracle is drawn).
+        generator: the synthetic dataset's generator config (None: no oracle, no centre).
+    """
+    export = summary.get("export")
+    if not isinstance(export, Mapping):
+        return ("no model was exported (the study ran with --no-export, or no trial finished an epoch); "
+                "these sections score the exported model on its held-out recordings")
+    if export.get("status") == "refused":
+        return f"the export was refused: {export.get('error')}"
+    from tuning.release.stage import HELDOUT_FILE
+
+    export_dir = Path(str(export.get("export_dir", "")))
+    if not (export_dir / HELDOUT_FILE).is_file():
+        return f"the export directory {export_dir} holds no held-out recordings ({HELDOUT_FILE})"
+    return held_out_view(export_dir, labels() if (labels and generator) else None, generator)
 
 
 def summary_facts(summary: Mapping[str, Any]) -> list[tuple[str, str]]:

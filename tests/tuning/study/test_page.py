@@ -26,6 +26,7 @@ from tuning.study.page import (
     Predictions,
     TrialCurve,
     TrialPoint,
+    held_out_or_why,
     pareto_view,
     write_page,
 )
@@ -196,3 +197,45 @@ def test_the_pareto_section_follows_the_summary() -> None:
     assert view == ParetoView(("val/nll_km", "latency_ms"), {0: (5.0, 1.0), 1: (4.9, 2.0)}, [0, 1], 1)
     assert pareto_view({"trials": summary["trials"]}) is None
     assert pareto_view({"pareto": None}) is None
+
+
+@pytest.mark.ray
+def test_a_real_study_writes_its_page_and_logs_it_to_mlflow(
+    ray_session: object, browser: object, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A smoke study (embedded services) exported and registered: the page shows the exported model next to the
+    oracle and the centre on its test recordings, every trial's curve, and is an artefact of the study's run."""
+    from mlflow import MlflowClient
+
+    from tuning.run import main
+
+    name = "page-study"
+    code = main(["--smoke-test", "--recordings", "64", "--dataset", name, "--name", name, "--data-dir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    path = tmp_path / "studies" / name / "report.html"
+    assert f"report:    {path}" in out
+
+    shown = render(browser, path)
+    assert {"map", "error-cdf", "calibration", "learning-curves", "history"} <= set(shown.figures), shown
+    assert all(img["complete"] and img["natural"] > 0 for img in shown.figures.values()), shown.figures
+    assert "pareto" not in shown.figures  # one objective
+    # Two smoke trials with random parameters: importances are drawn or their absence is explained.
+    assert "importances" in shown.figures or any("importances" in a for a in shown.absent), shown.absent
+    assert (shown.requests, shown.console_errors) == ([], [])
+    text = path.read_text(encoding="utf-8")
+    assert all(f"<td>{m}</td>" in text for m in ("best trial", "oracle", "centre"))
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(name)
+    parents = client.search_runs([experiment.experiment_id], "tags.`heimdall.study_run` = 'true'")
+    assert len(parents) == 1
+    assert "report.html" in [f.path for f in client.list_artifacts(parents[0].info.run_id)]
+
+
+def test_without_an_export_the_held_out_sections_say_why(tmp_path: Path) -> None:
+    assert "--no-export" in held_out_or_why({"trials": []})
+    refused = held_out_or_why({"export": {"status": "refused", "error": "parity gate failed: 3 outputs differ"}})
+    assert refused == "the export was refused: parity gate failed: 3 outputs differ"
+    missing = held_out_or_why({"export": {"status": "pending", "export_dir": str(tmp_path)}})
+    assert "heldout.npz" in missing and str(tmp_path) in missing
