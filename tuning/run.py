@@ -2,7 +2,8 @@
 
 Resolve settings → prepare the dataset and its feature cache → search (Ray Tune +
 Optuna TPE + ASHA over Ray Train Lightning trials) → summarise → release the best
-trial (ONNX, parity gate, models store, MLflow). Design: docs/architecture.md.
+trial (ONNX, parity gate, models store, MLflow) → the study page ``report.html``.
+Design: docs/architecture.md.
 
 Commands to copy::
 
@@ -359,7 +360,8 @@ def baselines(conn: Connections, info: DatasetInfo, split: SplitConfig) -> dict[
 def run_study(config: StudyConfig, space: SearchSpace, where: RunSettings, conn: Connections, *,
               resume: bool, verbose: bool, callbacks: Sequence[tune.Callback] = (),
               stop: GracefulStop | None = None, resume_hint: str = "python -m tuning.run --resume") -> int:
-    """Start Ray, print the plan, ensure dataset and feature cache, fit, summarise, export. Returns the exit status.
+    """Start Ray, print the plan, ensure dataset and feature cache, fit, summarise, export, write the study page.
+    Returns the exit status.
 
     ``callbacks`` are added to a new study's Tuner (a resumed one keeps its own). A signal
     caught by ``stop`` during ``fit()`` ends the study without export (exit 130, ``resume_hint``).
@@ -396,9 +398,12 @@ def run_study(config: StudyConfig, space: SearchSpace, where: RunSettings, conn:
         previous = _previous_export(out_dir, conn.runs, config.name)
         code, rows, plots = _summarise(config, where, conn, results, out_dir, baselines(conn, info, split),
                                        time.monotonic() - started)
-        if code != 0 or conn.registry is None:
-            return code
-        return export_best(config, space, conn, results, rows, plots, cache, out_dir, previous)
+        try:
+            if code == 0 and conn.registry is not None:
+                code = export_best(config, space, conn, results, rows, plots, cache, out_dir, previous)
+        finally:  # also after a refused or unregistered export: the page says what happened
+            study_page(config, conn, results, out_dir, info)
+        return code
     finally:
         if started_ray:
             ray.shutdown()
@@ -575,6 +580,34 @@ def _record_export(out_dir: Path, runs: RunStorage, name: str, export: dict[str,
     summary = json.loads(path.read_text(encoding="utf-8"))
     summary["export"] = export
     _keep_in_run_storage(runs, name, [write_summary(out_dir, summary)])
+
+
+# -- the study page ----------------------------------------------------------------------------------
+
+
+def study_page(config: StudyConfig, conn: Connections, results: Any, out_dir: Path, info: DatasetInfo) -> Path | None:
+    """Write ``report.html`` (:mod:`tuning.study.page`) next to ``summary.json``, copy it to the run storage,
+    attach it to the study's MLflow run and print its path. Never raises for a page it cannot finish:
+    it says why and the study's outcome stands. Returns the page, or None."""
+    from tuning.study import page
+
+    try:
+        summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
+        synthetic = info.config if info.kind == "synthetic" else None
+        held = page.held_out_or_why(summary, lambda: conn.catalog.recordings(info.name), synthetic)
+        study = optuna.load_study(study_name=config.name, storage=conn.optuna)
+        path = page.write_page(page.study_page_data(study, results, summary, held), out_dir / page.PAGE_FILE)
+        _keep_in_run_storage(conn.runs, config.name, [path])
+    except (HeimdallError, OSError, ValueError) as exc:
+        print(f"note:      the study page was not written: {exc}", file=sys.stderr)
+        return None
+    print(f"report:    {path}")
+    if conn.registry is not None:
+        try:
+            conn.registry.registry().log_study_file(config.name, path)
+        except HeimdallError as exc:
+            print(f"note:      {page.PAGE_FILE} is not in MLflow: {exc}", file=sys.stderr)
+    return path
 
 
 # -- entry point -------------------------------------------------------------------------------------
