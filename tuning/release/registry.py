@@ -1,5 +1,11 @@
-"""Every MLflow call of Heimdall Tune: one experiment per study, one run per trial,
-the registered model ``heimdall-localization`` and its ``champion`` alias.
+"""Every MLflow call of Heimdall Tune: one experiment per study, a parent run per study
+with a child run per trial, the registered model ``heimdall-localization`` and its
+``champion`` alias.
+
+Trial runs are written live while the study runs (:mod:`tuning.study.tracking`:
+:meth:`Registry.study_run`, :meth:`Registry.trial_run`, :meth:`Registry.log_epoch`,
+:meth:`Registry.end_run`) and completed after it by :meth:`Registry.log_trials`, which
+reuses a live run (adding only the epochs it lacks) rather than writing a second one.
 
 Tracking URI: ``--mlflow-uri``, else ``MLFLOW_TRACKING_URI``, else the embedded
 ``sqlite:///{data-dir}/mlflow.db`` with artefacts in ``{data-dir}/mlruns``. A
@@ -49,6 +55,7 @@ __all__ = [
     "StudyRecord",
     "VersionInfo",
     "TAG",
+    "EPOCHS_LOGGED",
     "Registry",
 ]
 
@@ -60,7 +67,12 @@ TAG = "heimdall."
 _CALL_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
              "MLFLOW_HTTP_REQUEST_TIMEOUT": "60", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 _PROBE_TIMEOUT_S = 5.0
-_RUN_STATUS = {"complete": "FINISHED", "stopped": "KILLED", "error": "FAILED"}
+_RUN_STATUS = {"complete": "FINISHED", "stopped": "KILLED", "error": "FAILED", "interrupted": "KILLED"}
+# heimdall.logged on a trial run: "live" while the study writes it, "complete" once log_trials has;
+# "writing" while log_trials creates it (a run left so was cut off and is written again).
+_LIVE, _COMPLETE, _WRITING = "live", "complete", "writing"
+#: Tag of a live run: the last epoch whose metrics it holds.
+EPOCHS_LOGGED = f"{TAG}epochs_logged"
 _MAX_PARAM_CHARS = 6000
 
 
@@ -189,23 +201,73 @@ class Registry:
             return exp.experiment_id
 
     def log_trials(self, experiment_id: str, study: StudyRecord) -> dict[str, str]:
-        """One finished run per trial (parameters, metric curves by epoch); existing complete runs are kept.
+        """One finished child run per trial under the study's parent run (parameters, metric curves by
+        epoch). Complete runs are kept; a live run (:meth:`trial_run`) is completed in place with the
+        epochs it lacks, so a study tracked live, resumed or not, gets no second run per trial.
 
         Returns:
             ``{trial_id: run_id}``.
         """
         with self._call(f"log the trials of study {study.name!r}"):
+            parent = self._study_run(experiment_id, study.name, live=False)
             existing = self._runs_by_trial(experiment_id, study.name)
             ids: dict[str, str] = {}
             for trial in study.trials:
                 run = existing.get(trial.trial_id)
-                if run is not None and run.data.tags.get(f"{TAG}logged") == "complete":
+                logged = run.data.tags.get(f"{TAG}logged") if run is not None else None
+                if logged == _COMPLETE:
+                    ids[trial.trial_id] = run.info.run_id
+                    continue
+                if run is not None and logged == _LIVE:
+                    self._complete_trial_run(run.info.run_id, trial, int(run.data.tags.get(EPOCHS_LOGGED, "0")),
+                                             set(run.data.params))
                     ids[trial.trial_id] = run.info.run_id
                     continue
                 if run is not None:  # a run cut off while logging: log it again from scratch
                     self.client.delete_run(run.info.run_id)
-                ids[trial.trial_id] = self._log_trial(experiment_id, study.name, trial)
+                run_id = self._create_trial_run(experiment_id, study.name, parent, trial.trial_id, trial.number,
+                                                trial.params, _WRITING)
+                ids[trial.trial_id] = self._complete_trial_run(run_id, trial, 0, set(trial.params))
             return ids
+
+    # -- live tracking: written while the study runs (tuning.study.tracking) -----------------------
+
+    def study_run(self, experiment_id: str, study: str, params: Mapping[str, Any] | None = None) -> str:
+        """The study's parent run, found by its tags (a resumed study: set RUNNING again) or
+        created RUNNING with ``params``. Returns its id."""
+        with self._call(f"open the parent run of study {study!r}"):
+            return self._study_run(experiment_id, study, live=True, params=params)
+
+    def trial_run(self, experiment_id: str, study: str, parent_run_id: str, trial_id: str, number: int | None,
+                  params: Mapping[str, Any]) -> str:
+        """A trial's live child run: found by its ``heimdall.trial_id`` tag (a resumed or restarted
+        trial: set RUNNING again), else created RUNNING with its parameters. Returns its id."""
+        with self._call(f"open the run of trial {trial_id}"):
+            found = self.client.search_runs([experiment_id], f"tags.`{TAG}study` = '{_q(study)}' and "
+                                            f"tags.`{TAG}trial_id` = '{_q(trial_id)}'", max_results=1)
+            if found:
+                if found[0].info.status != "RUNNING":
+                    self.client.update_run(found[0].info.run_id, status="RUNNING")
+                return found[0].info.run_id
+            return self._create_trial_run(experiment_id, study, parent_run_id, trial_id, number, params, _LIVE)
+
+    def log_epoch(self, run_id: str, metrics: Mapping[str, float], epoch: int) -> None:
+        """One epoch's metrics at step ``epoch`` (non-finite values skipped), and the epoch as
+        :data:`EPOCHS_LOGGED`, in one request."""
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        with self._call(f"log epoch {epoch} to run {run_id}"):
+            self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, int(epoch)) for k, v in
+                                                    sorted(metrics.items()) if _finite(v)],
+                                  tags=[RunTag(EPOCHS_LOGGED, str(int(epoch)))])
+
+    def end_run(self, run_id: str, status: str) -> None:
+        """End a run: ``complete``, ``stopped`` or ``interrupted`` (KILLED), ``error`` (FAILED);
+        the word is kept as the ``heimdall.status`` tag."""
+        with self._call(f"end run {run_id}"):
+            self.client.set_tag(run_id, f"{TAG}status", status)
+            self.client.set_terminated(run_id, _RUN_STATUS.get(status, "FINISHED"))
 
     def release_run(self, experiment_id: str, study: str, trial_id: str | None, run_ids: Mapping[str, str]) -> str:
         """The run that carries the release's artefacts: the best trial's, else a run named ``release``."""
@@ -394,26 +456,56 @@ class Registry:
         runs = self.client.search_runs([experiment_id], f"tags.`{TAG}study` = '{_q(study)}'", max_results=5000)
         return {r.data.tags[f"{TAG}trial_id"]: r for r in runs if f"{TAG}trial_id" in r.data.tags}
 
-    def _log_trial(self, experiment_id: str, study: str, trial: TrialRecord) -> str:
-        from mlflow.entities import Metric, Param
+    def _study_run(self, experiment_id: str, study: str, *, live: bool,
+                   params: Mapping[str, Any] | None = None) -> str:
+        """Find the parent run (``heimdall.study_run``); ``live``: set it RUNNING, else create it FINISHED."""
+        found = self.client.search_runs([experiment_id], f"tags.`{TAG}study` = '{_q(study)}' and "
+                                        f"tags.`{TAG}study_run` = 'true'", max_results=1)
+        if found:
+            if live and found[0].info.status != "RUNNING":
+                self.client.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id
+        run_id = self.client.create_run(experiment_id, run_name=study,
+                                        tags={f"{TAG}study": study, f"{TAG}study_run": "true"}).info.run_id
+        self._log_params(run_id, params or {}, set())
+        if not live:
+            self.client.set_terminated(run_id, "FINISHED")
+        return run_id
 
-        tags = {f"{TAG}study": study, f"{TAG}trial_id": trial.trial_id, f"{TAG}status": trial.status}
-        if trial.number is not None:
-            tags[f"{TAG}optuna_number"] = str(trial.number)
-        run_id = self.client.create_run(experiment_id, run_name=trial.trial_id, tags=tags).info.run_id
-        params = [Param(k, str(v)[:_MAX_PARAM_CHARS]) for k, v in sorted(trial.params.items())]
-        for i in range(0, len(params), 100):
-            self.client.log_batch(run_id, params=params[i:i + 100])
+    def _create_trial_run(self, experiment_id: str, study: str, parent_run_id: str, trial_id: str,
+                          number: int | None, params: Mapping[str, Any], logged: str) -> str:
+        tags = {f"{TAG}study": study, f"{TAG}trial_id": trial_id, f"{TAG}logged": logged,
+                "mlflow.parentRunId": parent_run_id}
+        if number is not None:
+            tags[f"{TAG}optuna_number"] = str(number)
+        run_id = self.client.create_run(experiment_id, run_name=trial_id, tags=tags).info.run_id
+        self._log_params(run_id, params, set())
+        return run_id
+
+    def _log_params(self, run_id: str, params: Mapping[str, Any], present: set[str]) -> None:
+        from mlflow.entities import Param
+
+        batch = [Param(k, str(v)[:_MAX_PARAM_CHARS]) for k, v in sorted(params.items()) if k not in present]
+        for i in range(0, len(batch), 100):
+            self.client.log_batch(run_id, params=batch[i:i + 100])
+
+    def _complete_trial_run(self, run_id: str, trial: TrialRecord, epochs_logged: int, params_present: set[str]) -> str:
+        """Add what the run lacks (parameters, epochs after ``epochs_logged``, the objective), end it
+        with the trial's status and mark it complete."""
+        from mlflow.entities import Metric
+
+        self._log_params(run_id, trial.params, params_present)
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, int(row.get("epoch", i + 1)))
-                   for i, row in enumerate(trial.history) for k, v in row.items()
-                   if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+        steps = [int(row.get("epoch", i + 1)) for i, row in enumerate(trial.history)]
+        metrics = [Metric(k, float(v), now, step) for step, row in zip(steps, trial.history) if step > epochs_logged
+                   for k, v in row.items() if k != "epoch" and _finite(v)]
         if trial.value is not None and math.isfinite(trial.value):
             metrics.append(Metric("objective", float(trial.value), now, 0))
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        self.client.set_tag(run_id, f"{TAG}status", trial.status)
         self.client.set_terminated(run_id, _RUN_STATUS.get(trial.status, "FINISHED"))
-        self.client.set_tag(run_id, f"{TAG}logged", "complete")
+        self.client.set_tag(run_id, f"{TAG}logged", _COMPLETE)
         return run_id
 
     def _log_onnx_model(self, run_id: str, onnx_path: Path) -> None:
@@ -464,6 +556,10 @@ def _dataset_source(manifest: Mapping[str, Any]) -> str:
     # A store's describe() is "s3://bucket/prefix at http://host:port" or a directory.
     first = store.split(" at ")[0].strip()
     return first if first.startswith("s3://") else Path(first or ".").resolve().as_uri()
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _info(mv: ModelVersion) -> VersionInfo:

@@ -162,7 +162,11 @@ def test_sqlite_registration_moves_the_champion_only_for_a_better_model(tmp_path
     exp = client.get_experiment_by_name("study-good")
     assert Path(exp.artifact_location.removeprefix("file://")).is_relative_to(tmp_path / "mlruns")
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
-    assert set(runs) == {"t0", "t1"} and runs["t1"].info.status == "KILLED"
+    assert set(runs) == {"study-good", "t0", "t1"} and runs["t1"].info.status == "KILLED"
+    parent = runs["study-good"]  # the study's parent run, the trials' runs its children
+    assert parent.data.tags["heimdall.study_run"] == "true" and parent.info.status == "FINISHED"
+    assert {runs[t].data.tags["mlflow.parentRunId"] for t in ("t0", "t1")} == {parent.info.run_id}
+    assert client.get_model_version(REGISTERED_MODEL, "2").run_id == runs["t0"].info.run_id
     assert [m.value for m in client.get_metric_history(runs["t0"].info.run_id, "val/median_km")] == [30.0, 15.0, 10.0]
     assert runs["t0"].data.params["model.width"] == "4"
     artefacts = {a.path for a in client.list_artifacts(runs["t0"].info.run_id)}
@@ -266,7 +270,7 @@ def test_the_whole_chain_against_mlflow_server_and_s3(tmp_path: Path, mlflow_ser
     client = MlflowClient(mlflow_server.uri, registry_uri=mlflow_server.uri)
     exp = client.get_experiment_by_name("acceptance")
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
-    assert set(runs) == {"t0", "t1"}
+    assert set(runs) == {"acceptance", "t0", "t1"}  # the study's parent run and one child per trial
     best = client.get_run(runs["t0"].info.run_id)
     assert {"model", "plots", "parity.json", "search_space.json"} <= {a.path for a in client.list_artifacts(best.info.run_id)}
     assert best.inputs.dataset_inputs[0].dataset.name == "tiny"
@@ -289,7 +293,7 @@ def test_the_whole_chain_against_mlflow_server_and_s3(tmp_path: Path, mlflow_ser
     assert register_main(["--from", str(export_dir), *live]) == 0
     assert "already released" in capsys.readouterr().out
     assert len(client.search_model_versions(f"name = '{REGISTERED_MODEL}'")) == 1
-    assert len(client.search_runs([exp.experiment_id])) == 2
+    assert len(client.search_runs([exp.experiment_id])) == 3
 
     # A file changed after the gate is refused.
     tampered = tmp_path / "tampered"
