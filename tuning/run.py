@@ -93,6 +93,7 @@ from tuning.study.tune import (
     open_optuna_storage,
     open_run_storage,
     plan_resources,
+    prune_stopped,
     reconcile_optuna,
     restore_tuner,
     trial_number,
@@ -434,6 +435,7 @@ def _summarise(config: StudyConfig, where: RunSettings, conn: Connections, resul
     objective = config.objective_spec
     rows = trial_rows(results, objective, config.max_epochs)
     orphans = reconcile_optuna(conn.optuna, config.name, {r.number for r in rows if r.number is not None})
+    prune_stopped(conn.optuna, config.name, {r.number for r in rows if r.status == "stopped" and r.number is not None})
     study = optuna.load_study(study_name=config.name, storage=conn.optuna)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = save_plots(study, out_dir)

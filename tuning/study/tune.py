@@ -67,6 +67,8 @@ __all__ = [
     "NumberedSpace",
     "StudySearch",
     "make_searcher",
+    "WARM_START_ATTR",
+    "warm_start_trials",
     "make_scheduler",
     "trial_name",
     "make_trainable",
@@ -75,6 +77,7 @@ __all__ = [
     "ResumeReconciliation",
     "reconcile_for_resume",
     "reconcile_optuna",
+    "prune_stopped",
     "INTERRUPTED_ATTR",
     "mark_interrupted",
     "StudyProgress",
@@ -135,6 +138,8 @@ class StudyConfig:
             fit, see :func:`plan_resources`); on a cluster, size it for one node fewer.
         pin_long_warmups: pin the space's warm-ups that reach ``max_epochs`` to 0 instead of
             refusing the space (``--smoke-test`` only: a real study should fix its space).
+        warm_start: name of a finished study of the same space and objective, in the same
+            Optuna storage, whose trials TPE starts from (:func:`warm_start_trials`); None: none.
     """
 
     name: str = field(metadata=setting("study name (Optuna study, Tune experiment, output folder) [space-objective-time]"))
@@ -166,6 +171,9 @@ class StudyConfig:
     max_concurrent: int | None = field(default=None, metadata=setting(
         "at most this many trials at once [as many as the cluster's CPUs fit]; on a cluster, "
         "size it so that one node fewer still fits them", type=positive_int))
+    warm_start: str | None = field(default=None, metadata=setting(
+        "name of an earlier study of the same space and objective, in the same Optuna storage, whose finished "
+        "trials TPE starts from (they are not trained again) [none]"))
 
     def __post_init__(self) -> None:
         p: list[str] = []
@@ -195,6 +203,8 @@ class StudyConfig:
             p.append(f"max_concurrent must be an integer >= 1 (or None: as many as fit), got {self.max_concurrent!r}")
         if not (isinstance(self.tpe_startup_trials, int) and self.tpe_startup_trials >= 1):
             p.append(f"tpe_startup_trials must be an integer >= 1, got {self.tpe_startup_trials!r}")
+        if self.warm_start is not None and (not isinstance(self.warm_start, str) or self.warm_start == self.name):
+            p.append(f"warm_start must name another study than this one ({self.name!r}), got {self.warm_start!r}")
         collect_problems("study settings", p)
 
     @property
@@ -573,7 +583,25 @@ STOPPING = threading.Event()
 
 
 class StudySearch(OptunaSearch):
-    """``OptunaSearch`` that never writes into a trial Optuna has already finished.
+    """``OptunaSearch`` that records trials the way Optuna's own pruners do, and never writes into a
+    trial Optuna has already finished.
+
+    Every validated epoch is an intermediate value of the Optuna trial, keyed by
+    epoch (:data:`~tuning.study.trial.EPOCHS_METRIC`), not by Tune iteration,
+    which restarts from 1 when a trial function is restarted. A trial's end is
+    told as:
+
+    * PRUNED when it ended without error before ``max_epochs`` (ASHA stopped
+      it): its value is its last intermediate value, as Optuna gives its own
+      pruned trials, so TPE ranks it by how far it got and how well, after
+      every complete trial;
+    * COMPLETE when it trained ``max_epochs``; FAIL on error;
+    * nothing while the study is being interrupted (:data:`STOPPING`):
+      ``--resume`` continues the trial, so it stays RUNNING.
+
+    Tune does not pass the searcher the result on which the scheduler stops a
+    trial, so the end reports that epoch first: each trial has one value per
+    epoch it trained.
 
     Optuna commits a trial's end (``tell``) the moment Tune stops it, while
     Tune saves its own experiment state only every few seconds. A driver that
@@ -584,10 +612,14 @@ class StudySearch(OptunaSearch):
     restore; this class is the second line: results and ends of trials that
     Optuna finished are dropped, whatever the order of events.
 
-    Intermediate values are reported per completed epoch
-    (:data:`~tuning.study.trial.EPOCHS_METRIC`), not per Tune iteration, which
-    restarts from 1 when a trial function is restarted.
+    Args:
+        max_epochs: epochs of a trial that runs to the end (ASHA's ``max_t``).
+        **kwargs: ``OptunaSearch``'s arguments.
     """
+
+    def __init__(self, *, max_epochs: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_epochs = max_epochs
 
     def _finished_in_optuna(self, trial_id: str) -> bool:
         if trial_id in self._completed_trials:
@@ -600,18 +632,38 @@ class StudySearch(OptunaSearch):
             return True
         return False
 
+    def _report(self, trial_id: str, result: Mapping[str, Any]) -> int | None:
+        """Report ``result``'s objective at its epoch (once per epoch); returns the epoch, None without a value.
+
+        With several objectives only the epoch is returned: Optuna keeps no intermediate values for them.
+        """
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        if any(result.get(m) is None for m in metrics):
+            return None
+        step = int(result.get(EPOCHS_METRIC) or result.get("training_iteration") or 0)
+        if isinstance(self.metric, list):
+            return step
+        value = result[self.metric]
+        trial = self._ot_trials[trial_id]
+        if step not in self._ot_study._storage.get_trial(trial._trial_id).intermediate_values:
+            trial.report(float(value), step)
+        return step
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         """Report the objective at the trial's epoch, unless Optuna finished the trial."""
-        value = result.get(self.metric)
-        if value is None or self._finished_in_optuna(trial_id) or trial_id not in self._ot_trials:
+        if self._finished_in_optuna(trial_id) or trial_id not in self._ot_trials:
             return
-        step = int(result.get(EPOCHS_METRIC) or result.get("training_iteration") or 0)
-        self._ot_trials[trial_id].report(float(value), step)
+        self._report(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        """Tell Optuna the trial's end, unless it already knows it, or the trial only ended because
-        the study is being interrupted (:data:`STOPPING`): ``--resume`` continues it, so it stays open."""
+        """Tell Optuna the trial's end: PRUNED, COMPLETE or FAIL (see the class), unless it already
+        knows it, or the trial only ended because the study is being interrupted (:data:`STOPPING`)."""
         if self._finished_in_optuna(trial_id) or (error and STOPPING.is_set()):
+            return
+        epochs = self._report(trial_id, result) if result and not error and trial_id in self._ot_trials else None
+        if epochs is not None and epochs < getattr(self, "max_epochs", epochs):
+            self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+            self._completed_trials.add(trial_id)
             return
         super().on_trial_complete(trial_id, result=result, error=error)
 
@@ -631,10 +683,77 @@ def make_searcher(config: StudyConfig, space: SearchSpace, storage: optuna.stora
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=config.tpe_startup_trials)
-    return StudySearch(
+    searcher = StudySearch(
         space=NumberedSpace(to_optuna(space)), metric=objective.metric, mode=objective.mode,
-        sampler=sampler, study_name=config.name, storage=storage,
+        sampler=sampler, study_name=config.name, storage=storage, max_epochs=config.max_epochs,
     )
+    if config.warm_start is not None and not searcher._ot_study.get_trials(deepcopy=False):
+        warm_start_trials(searcher._ot_study, config.warm_start, to_optuna(space))
+    return searcher
+
+
+#: Optuna system attribute naming the study a warm-start trial was copied from.
+WARM_START_ATTR = "heimdall:warm_start_from"
+
+
+def warm_start_trials(study: optuna.Study, source: str, define: Callable[[optuna.trial.BaseTrial], Any]) -> int:
+    """Copy the COMPLETE and PRUNED trials of study ``source`` into the empty ``study``, so TPE models them first.
+
+    A trial is copied when the space's define-by-run function, replayed on its
+    parameters, asks for exactly the distributions it was sampled from (same
+    names, kinds and bounds); the others are skipped. Copies keep their values and
+    intermediate values (pruned ones stay PRUNED), take the first trial numbers
+    of ``study`` and carry :data:`WARM_START_ATTR`; they also count towards
+    TPE's start-up trials. Their training is not repeated.
+
+    Args:
+        study: the new study, still without trials.
+        source: name of the earlier study in the same storage.
+        define: the space's define-by-run function (:func:`tuning.study.spaces.to_optuna`).
+
+    Returns:
+        The number of trials copied.
+
+    Raises:
+        NotFoundError: no study ``source`` in the storage.
+        ConfigError: the directions differ, or none of its finished trials fits the space.
+    """
+    try:
+        earlier = optuna.load_study(study_name=source, storage=study._storage)
+    except KeyError:
+        raise NotFoundError(f"--warm-start names study {source!r}, which the Optuna storage does not hold; fix: "
+                            f"give the name of an earlier study in the same --optuna-storage") from None
+    if earlier.directions != study.directions:
+        raise ConfigError("warm start", [f"study {source!r} optimises {earlier.directions}, this one "
+                                         f"{study.directions}; fix: warm-start from a study of the same objective"])
+    finished = earlier.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                          optuna.trial.TrialState.PRUNED))
+    copies = [c for c in (_warm_copy(t, define, source) for t in finished) if c is not None]
+    if not copies:
+        raise ConfigError("warm start", [
+            f"none of the {len(finished)} finished trial(s) of study {source!r} fits this search space; fix: "
+            f"warm-start from a study of the same space, or drop --warm-start"])
+    study.add_trials(copies)
+    return len(copies)
+
+
+def _warm_copy(trial: optuna.trial.FrozenTrial, define: Callable[[optuna.trial.BaseTrial], Any],
+               source: str) -> optuna.trial.FrozenTrial | None:
+    """``trial`` as a new trial of this space, or None when the space would not have asked for its parameters."""
+    replay = optuna.trial.FixedTrial(trial.params)
+    try:
+        with warnings.catch_warnings():
+            # FixedTrial only warns about a value outside the distribution: a trial of other bounds.
+            warnings.filterwarnings("error", message=".*out of the range of the distribution")
+            define(replay)
+    except (ValueError, UserWarning):
+        return None
+    if any(trial.distributions.get(k) != d for k, d in replay.distributions.items()):
+        return None
+    return optuna.trial.create_trial(
+        state=trial.state, values=trial.values,
+        params={k: trial.params[k] for k in replay.distributions}, distributions=dict(replay.distributions),
+        intermediate_values=dict(trial.intermediate_values), system_attrs={WARM_START_ATTR: source})
 
 
 def trial_name(trial: Any) -> str:
@@ -893,6 +1012,8 @@ def reconcile_for_resume(storage: optuna.storages.BaseStorage, runs: RunStorage,
             trial["status"] = _OPTUNA_FINISHED[ot.state]
             closed.append(ot.number)
         elif epochs >= config.max_epochs and isinstance(value, (int, float)) and math.isfinite(value):
+            if epochs not in ot.intermediate_values:  # one value per epoch, as StudySearch reports them
+                storage.set_trial_intermediate_value(ot._trial_id, epochs, float(value))
             storage.set_trial_state_values(ot._trial_id, optuna.trial.TrialState.COMPLETE, [float(value)])
             trial["status"] = "TERMINATED"
             completed.append(ot.number)
@@ -946,6 +1067,34 @@ def reconcile_optuna(storage: optuna.storages.BaseStorage, name: str, tune_numbe
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
         storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
     return orphans
+
+
+def prune_stopped(storage: optuna.storages.BaseStorage, name: str, stopped: set[int]) -> list[int]:
+    """Close the Optuna trials of Tune trials that the time budget stopped: PRUNED, or FAIL without a value.
+
+    Tune stops the trials still running when ``time_budget_s`` runs out without
+    telling the searcher, so their Optuna trials would stay RUNNING. Like a
+    trial ASHA stops, such a trial ended early through no fault of its own:
+    PRUNED with its last intermediate value. Call it once ``fit()`` has
+    returned normally (an interrupted study keeps them RUNNING, see
+    :func:`mark_interrupted`).
+
+    Args:
+        storage: the Optuna storage.
+        name: the study name.
+        stopped: Optuna numbers of the Tune trials that ended early without error.
+
+    Returns:
+        The numbers of the trials closed.
+    """
+    study = optuna.load_study(study_name=name, storage=storage)
+    closed = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if trial.number in stopped:
+            study.tell(trial.number, state=optuna.trial.TrialState.PRUNED if trial.intermediate_values
+                       else optuna.trial.TrialState.FAIL)
+            closed.append(trial.number)
+    return closed
 
 
 #: Optuna system attribute set on trials that were running when the study was interrupted.
