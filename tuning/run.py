@@ -64,6 +64,7 @@ from tuning.settings import (
     setting,
     settings_table,
 )
+from tuning.study.pareto import export_order, study_front
 from tuning.study.report import TrialRow, format_table, save_plots, study_counts, trial_rows, write_summary
 from tuning.study.signals import GracefulStop
 from tuning.study.spaces import (
@@ -206,7 +207,7 @@ def connect(config: StudyConfig, where: RunSettings, *, resume: bool, export: bo
     if resume:
         check_resumable(runs, config.name)
     else:  # last: it claims the name
-        check_new_study(optuna_storage, runs, config.name, config.objective_spec.mode)
+        check_new_study(optuna_storage, runs, config.name, [o.mode for o in config.objectives])
     return Connections(catalog=catalog, store=store, optuna=optuna_storage, runs=runs, dataset=dataset,
                        registry=registry)
 
@@ -251,11 +252,14 @@ def describe_plan(config: StudyConfig, space: SearchSpace, where: RunSettings, i
     else:
         data = f"{info.name!r}: {info.n_recordings} recordings in {info.n_shards} shards ({info.kind})"
     budget = "none" if config.time_budget_s is None else f"{config.time_budget_s / 60:g} min"
+    bound = "no latency bound" if config.max_latency_ms is None else f"latency_ms <= {config.max_latency_ms:g}"
     rows = [
         ("study", f"{config.name}{' (resuming)' if resume else ''}"),
         ("space", f"{space.name}: arch {space.arch}, {len(space.parameters)} parameters, sha256 {space.sha256[:12]}"),
         ("dataset", data),
-        ("objective", f"{o.metric} ({o.mode}): {o.description}"),
+        ("objective", f"{o.metric} ({o.mode}): {o.description}" if len(config.objectives) == 1 else
+         f"Pareto front of {' and '.join(f'{x.metric} ({x.mode})' for x in config.objectives)}; {o.metric} drives "
+         f"ASHA; export: best {o.metric} on the front, {bound}"),
         ("trials", f"{config.trials} x up to {config.max_epochs} epochs; ASHA grace {config.grace_period} epoch(s), "
                    f"reduction {config.reduction_factor}; time budget {budget}; seed {config.seed}"),
         ("workers", f"{config.workers_per_trial} per trial x {config.cpus_per_worker:g} CPU; {plan.describe()}"),
@@ -441,6 +445,9 @@ def _summarise(config: StudyConfig, where: RunSettings, conn: Connections, resul
     plots = save_plots(study, out_dir)
     print()
     print(format_table(rows, objective, baselines={k: base[k] for k in ("centre", "oracle") if k in base}))
+    front = study_front(rows, config.objectives, config.max_latency_ms)  # None: one objective
+    if front is not None:
+        print("\n" + front.text())
     summary = {
         "study": config.to_dict(), "objective": objective.metric, "mode": objective.mode,
         "wall_seconds": round(seconds, 1), "experiment": conn.runs.experiment_path(config.name),
@@ -449,10 +456,11 @@ def _summarise(config: StudyConfig, where: RunSettings, conn: Connections, resul
         "tune_status": {s: sum(r.status == s for r in rows) for s in ("complete", "stopped", "error")},
         "optuna_trials": study_counts(study), "optuna_orphans_failed": orphans,
         "best": rows[0] if rows and rows[0].value is not None else None, "trials": rows,
-        "baselines": base, "plots": plots,
+        "baselines": base, "plots": plots, "pareto": front and front.to_dict(),
     }
     path = write_summary(out_dir, summary)
-    _keep_in_run_storage(conn.runs, config.name, [path, *map(Path, plots.values())])
+    saved = [Path(p) for p in plots.values() if not p.startswith("skipped:")]
+    _keep_in_run_storage(conn.runs, config.name, [path, *saved])
     print(f"\nsummary:   {path} (a copy in {conn.runs.experiment_path(config.name)}/{STUDY_FILES})")
     for name, where_ in plots.items():
         print(f"plot:      {name}: {where_}")
@@ -519,6 +527,7 @@ def export_best(config: StudyConfig, space: SearchSpace, conn: Connections, resu
     from tuning.study.spaces import build_configs
 
     export_dir = out_dir / "export"
+    rows = export_order(rows, config.objectives, config.max_latency_ms)  # two objectives: the Pareto choice first
     candidates = [r for r in rows if r.value is not None and r.checkpoint_path]
     if previous and candidates and previous.get("status") == "registered" \
             and previous.get("checkpoint_path") == candidates[0].checkpoint_path:

@@ -424,7 +424,7 @@ def run_settings(args: argparse.Namespace, saved_study: Callable[[StudyLocations
         values = {**(SMOKE_TEST if args.smoke_test else {}), **given}
         if "name" not in values:
             space = Path(str(values.get("space", _default(StudyConfig, "space")))).stem
-            objective = values.get("objective", _default(StudyConfig, "objective"))
+            objective = str(values.get("objective", _default(StudyConfig, "objective"))).replace(",", "-")
             values["name"] = f"{space}-{objective}-{'smoke-' if args.smoke_test else ''}{datetime.now():%Y%m%d-%H%M%S}"
         study = StudyConfig(**values)
     return RunSettings(data=data, places=places, registry=registry, study=study), ignored

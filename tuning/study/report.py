@@ -17,7 +17,14 @@ from typing import Any
 
 import optuna
 
-from tuning.study.trial import EPOCHS_METRIC, OPTUNA_NUMBER_KEY, Objective, trial_params
+from tuning.study.trial import (
+    EPOCHS_METRIC,
+    LATENCY_METRIC,
+    MODEL_PARAMS_METRIC,
+    OPTUNA_NUMBER_KEY,
+    Objective,
+    trial_params,
+)
 
 __all__ = ["TABLE_METRICS", "TrialRow", "trial_rows", "format_table", "save_plots", "study_counts", "write_summary"]
 
@@ -74,7 +81,8 @@ def _row(result: Any, objective: Objective, max_epochs: int) -> TrialRow:
         best = df.loc[values.idxmin() if objective.mode == "min" else values.idxmax()].to_dict()
     epochs = int(max(df[EPOCHS_METRIC].max(), 0)) if df is not None and EPOCHS_METRIC in df else 0
     status = "error" if result.error else ("complete" if epochs >= max_epochs else "stopped")
-    metrics = {k: float(v) for k, v in best.items() if k.startswith("val/") and _finite(v)}
+    metrics = {k: float(v) for k, v in best.items()
+               if (k.startswith("val/") or k in (LATENCY_METRIC, MODEL_PARAMS_METRIC)) and _finite(v)}
     value = metrics.get(objective.metric)
     return TrialRow(
         number=int(number) if number is not None else None, trial_id=trial_id, status=status, epochs=epochs,
@@ -171,8 +179,8 @@ def save_plots(study: optuna.Study, out_dir: Path) -> dict[str, str]:
                 warnings.simplefilter("ignore")  # Optuna marks its matplotlib backend experimental
                 verbosity = optuna.logging.get_verbosity()
                 optuna.logging.set_verbosity(optuna.logging.ERROR)  # "no complete trials" is said below
-                try:
-                    ax = plot(study)
+                try:  # a two-objective study is drawn on its first objective (Optuna asks for a target)
+                    ax = plot(study, target=(lambda t: t.values[0]) if len(study.directions) > 1 else None)
                 finally:
                     optuna.logging.set_verbosity(verbosity)
             fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure

@@ -14,8 +14,12 @@ names. The design and the Ray facts behind it: docs/architecture.md, "Search".
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import statistics
+import tempfile
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
+import numpy as np
 import pyarrow.fs
 import ray.train
 import torch
@@ -37,6 +42,7 @@ from heimdall.metrics import NOMINAL_COVERAGE
 from heimdall.models import build_model
 from heimdall.module import LocalizationModule
 from tuning.data.pipeline import FeatureCache, RayBatches
+from tuning.release.onnx import build_metadata, export_onnx, onnx_session
 from tuning.study.spaces import SearchSpace, TrialConfigs, build_configs, fit_budget
 
 if TYPE_CHECKING:
@@ -47,6 +53,15 @@ if TYPE_CHECKING:
 __all__ = [
     "Objective",
     "OBJECTIVES",
+    "LATENCY_METRIC",
+    "MODEL_PARAMS_METRIC",
+    "MAX_OBJECTIVES",
+    "objective_problems",
+    "parse_objectives",
+    "objective_arg",
+    "LATENCY_THREADS",
+    "latency_session",
+    "measure_latency_ms",
     "COVERAGE_BAND",
     "COVERAGE_PENALTY",
     "EPOCHS_METRIC",
@@ -93,6 +108,14 @@ class Objective:
     description: str
 
 
+#: The exported model's onnxruntime latency, ms per recording (:func:`measure_latency_ms`);
+#: reported in every result of a study that has it among its objectives.
+LATENCY_METRIC = "latency_ms"
+#: The trial's model parameter count, reported next to :data:`LATENCY_METRIC`.
+MODEL_PARAMS_METRIC = "model_params"
+#: A study minimises one objective, or two for a Pareto search (``--objective nll,latency_ms``).
+MAX_OBJECTIVES = 2
+
 OBJECTIVES: dict[str, Objective] = {
     o.name: o
     for o in (
@@ -102,8 +125,67 @@ OBJECTIVES: dict[str, Objective] = {
             "calibrated", "val/calibrated_nll", "min",
             f"NLL + {COVERAGE_PENALTY:g} x (1-/2-sigma coverage outside nominal +-{COVERAGE_BAND * 100:g} points)",
         ),
+        Objective(LATENCY_METRIC, LATENCY_METRIC, "min",
+                  "onnxruntime latency of the exported model, batch 1, 1 thread, ms (second objective only)"),
     )
 }
+#: Objectives that do not change from epoch to epoch, so they cannot come first: the first
+#: objective ranks a trial's epochs (its best checkpoint) and drives ASHA.
+_EPOCH_INVARIANT = (LATENCY_METRIC,)
+
+
+def objective_problems(text: str) -> list[str]:
+    """What is wrong with an ``--objective`` value (empty: it is valid).
+
+    A value is one objective name (:data:`OBJECTIVES`) or two, comma-separated,
+    for a Pareto search: at most :data:`MAX_OBJECTIVES`, no name twice, and the
+    first one must change with training (``latency_ms`` can only come second).
+
+    Args:
+        text: e.g. ``"nll"`` or ``"nll,latency_ms"``.
+
+    Returns:
+        One line per broken rule, each ending with its fix.
+    """
+    if not isinstance(text, str):
+        return [f"objective must be a text such as 'nll' or 'nll,latency_ms', got {text!r}"]
+    names = [n.strip() for n in text.split(",")]
+    valid = ", ".join(OBJECTIVES)
+    if len(names) > MAX_OBJECTIVES:
+        return [f"objective names at most {MAX_OBJECTIVES} objectives (a Pareto front of two), got {len(names)} in "
+                f"{text!r}; fix: keep two, e.g. nll,latency_ms"]
+    unknown = [n for n in names if n not in OBJECTIVES]
+    if unknown:
+        return [f"objective {n!r} in {text!r} is unknown; fix: use one of {valid}" for n in unknown]
+    if len(set(names)) < len(names):
+        return [f"objective {text!r} names {names[0]!r} twice; fix: name two different objectives, e.g. nll,latency_ms"]
+    if names[0] in _EPOCH_INVARIANT:
+        return [f"objective {text!r} puts {names[0]!r} first, but the first objective picks each trial's best epoch "
+                f"and drives ASHA, and {names[0]} does not change with training; fix: put an accuracy objective "
+                f"first, e.g. nll,{names[0]}"]
+    return []
+
+
+def parse_objectives(text: str) -> tuple[Objective, ...]:
+    """The objectives of an ``--objective`` value, first objective first.
+
+    Raises:
+        ConfigError: the value breaks a rule of :func:`objective_problems`.
+    """
+    collect_problems("objective", objective_problems(text))
+    return tuple(OBJECTIVES[n.strip()] for n in text.split(","))
+
+
+def objective_arg(text: str) -> str:
+    """``--objective``'s argparse type: the value, checked and with spaces removed.
+
+    Raises:
+        argparse.ArgumentTypeError: naming the broken rule (argparse makes it a usage error).
+    """
+    problems = objective_problems(text)
+    if problems:
+        raise argparse.ArgumentTypeError(problems[0])
+    return ",".join(n.strip() for n in text.split(","))
 
 
 def calibrated_nll(nll_km: float, coverage_1sigma: float, coverage_2sigma: float) -> float:
@@ -201,6 +283,71 @@ def trial_params(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k != OPTUNA_NUMBER_KEY}
 
 
+# -- latency ------------------------------------------------------------------------------
+
+#: onnxruntime intra-op threads of the latency measurement (inter-op: 1). One thread makes
+#: the number comparable across trials and machines, whatever else runs beside the trial.
+LATENCY_THREADS = 1
+#: Untimed runs first (onnxruntime allocates and picks kernels on the first runs).
+LATENCY_WARMUP = 10
+#: Timed runs; the latency is their median, which shrugs off a busy neighbour's spikes.
+LATENCY_RUNS = 100
+
+
+def latency_session(path: str | Path) -> Any:
+    """The onnxruntime session latency is measured with: CPU, :data:`LATENCY_THREADS` intra-op
+    thread, one inter-op thread."""
+    return onnx_session(path, threads=LATENCY_THREADS)
+
+
+def measure_latency_ms(module: LocalizationModule, *, runs: int = LATENCY_RUNS, warmup: int = LATENCY_WARMUP) -> float:
+    """Median onnxruntime latency of ``module``'s exported graph on one recording, in ms.
+
+    The module is exported exactly as a release is (:func:`tuning.release.onnx.export_onnx`)
+    into a temporary file, loaded in a :func:`latency_session` and run on one fixed random
+    recording (batch 1): ``warmup`` runs, then the median of ``runs`` timed ones. The
+    graph, hence the latency, depends on the architecture, not the weights.
+
+    Args:
+        module: any module of the trial's configs (its weights do not matter).
+        runs: timed runs (>= 1).
+        warmup: untimed runs before them (>= 0).
+
+    Returns:
+        Milliseconds per recording (finite, > 0).
+
+    Raises:
+        ExportError: the exporter failed.
+    """
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}; fix: pass valid counts")
+    fc = module.feature_config
+    n = module.model.n_receivers
+    rng = np.random.default_rng(0)
+    feed = {"features": rng.normal(0.0, 1.5, (1, n, fc.n_fft, fc.n_frames)).astype(np.float32),
+            "mask": np.ones((1, n), dtype=bool)}
+    with tempfile.TemporaryDirectory(prefix="heimdall-latency-") as tmp:
+        path = export_onnx(module, Path(tmp) / "model.onnx", build_metadata(module))
+        session = latency_session(path)  # onnxruntime has read the file: the folder may go
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000.0
+
+
+def _architecture_metrics(configs: TrialConfigs, cache: FeatureCache) -> dict[str, float]:
+    """Latency and parameter count of the trial's architecture, on a fresh module of its configs
+    (the training module is left alone: exporting switches a module to eval mode)."""
+    with torch.random.fork_rng(devices=[]):  # the training's random stream stays as without it
+        module = _build_module(configs, cache)
+    return {LATENCY_METRIC: measure_latency_ms(module),
+            MODEL_PARAMS_METRIC: float(sum(p.numel() for p in module.parameters()))}
+
+
 # -- worker side ----------------------------------------------------------------------
 
 
@@ -208,24 +355,32 @@ class TrialMetrics(pl.Callback):
     """Adds the study's derived metrics before Ray's report callback reads them.
 
     At the end of each training epoch (validation has run by then) it puts
-    ``epochs`` (completed, from 1) and ``val/calibrated_nll`` into
-    ``trainer.callback_metrics``. It also remembers the last metrics in the
-    Lightning checkpoint, so a trial resumed from its final checkpoint, which
-    trains no further epoch, can still report its result
-    (:meth:`report_if_silent`).
+    ``epochs`` (completed, from 1), ``val/calibrated_nll`` and the trial's
+    ``constants`` (its architecture's :data:`LATENCY_METRIC` and
+    :data:`MODEL_PARAMS_METRIC`, measured once) into ``trainer.callback_metrics``.
+    It also remembers the last metrics in the Lightning checkpoint, so a trial
+    resumed from its final checkpoint, which trains no further epoch, can still
+    report its result (:meth:`report_if_silent`), and a resumed trial keeps its
+    constants without measuring them again.
+
+    Args:
+        constants: metrics reported unchanged with every epoch.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, constants: Mapping[str, float] | None = None) -> None:
+        self.constants = dict(constants or {})
         self.last_metrics: dict[str, float] = {}
         self.reported = False
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Add ``epochs`` and the calibrated objective to ``trainer.callback_metrics``."""
+        """Add ``epochs``, the calibrated objective and the constants to ``trainer.callback_metrics``."""
         metrics = trainer.callback_metrics
         metrics[EPOCHS_METRIC] = torch.tensor(float(trainer.current_epoch + 1))
         if all(k in metrics for k in ("val/nll_km", "val/coverage_1sigma", "val/coverage_2sigma")):
             value = calibrated_nll(*(float(metrics[k]) for k in ("val/nll_km", "val/coverage_1sigma", "val/coverage_2sigma")))
             metrics[OBJECTIVES["calibrated"].metric] = torch.tensor(value)
+        for key, value in self.constants.items():
+            metrics[key] = torch.tensor(value, dtype=torch.float64)
         self.last_metrics = {k: float(v) for k, v in metrics.items()}
         self.reported = True
 
@@ -234,8 +389,11 @@ class TrialMetrics(pl.Callback):
         return {"last_metrics": dict(self.last_metrics)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the last reported metrics from a checkpoint."""
+        """Restore the last reported metrics (and from them the constants) from a checkpoint."""
         self.last_metrics = dict(state_dict.get("last_metrics", {}))
+        for key in (LATENCY_METRIC, MODEL_PARAMS_METRIC):
+            if key in self.last_metrics:
+                self.constants.setdefault(key, self.last_metrics[key])
 
     def report_if_silent(self) -> None:
         """Report the restored metrics if this attempt trained no epoch.
@@ -291,7 +449,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     configs = spec.configs(config["params"])
     pl.seed_everything(config["seed"], workers=True, verbose=False)
     module = _build_module(configs, cache)
-    metrics = TrialMetrics()
+    checkpoint = ray.train.get_checkpoint()
+    # Rank 0 only: Tune takes rank 0's metrics. A resumed run restores them from its checkpoint.
+    measure = (any(o.metric == LATENCY_METRIC for o in spec.study.objectives) and checkpoint is None
+               and ray.train.get_context().get_world_rank() == 0)
+    metrics = TrialMetrics(_architecture_metrics(configs, cache) if measure else None)
     trainer = _build_trainer(spec, metrics)
     world = ray.train.get_context().get_world_size()
     # n_rows gives the loaders a length: the module's lr schedule counts steps per epoch.
@@ -299,7 +461,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                        seed=config["seed"], n_rows=cache.counts["train"] // world)
     val = RayBatches(ray.train.get_dataset_shard("val"), EVAL_BATCH_SIZE, shuffle=False,
                      seed=0, n_rows=cache.counts["val"] // world)
-    checkpoint = ray.train.get_checkpoint()
     _announce(config.get("trial_id"), checkpoint)
     if checkpoint is None:
         trainer.fit(module, train_dataloaders=train, val_dataloaders=val)

@@ -49,7 +49,18 @@ from heimdall.store import S3Settings, open_store
 from tuning.data.pipeline import READ_CONCURRENCY, READ_NUM_CPUS, FeatureCache
 from tuning.settings import parse_duration, positive_float, positive_int, setting
 from tuning.study.spaces import SearchSpace, to_optuna
-from tuning.study.trial import EPOCHS_METRIC, OBJECTIVES, OPTUNA_NUMBER_KEY, Objective, TrialSpec, run_trial
+from tuning.study.trial import (
+    EPOCHS_METRIC,
+    LATENCY_METRIC,
+    OBJECTIVES,
+    OPTUNA_NUMBER_KEY,
+    Objective,
+    TrialSpec,
+    objective_arg,
+    objective_problems,
+    parse_objectives,
+    run_trial,
+)
 
 __all__ = [
     "StudyConfig",
@@ -123,7 +134,11 @@ class StudyConfig:
         dataset: catalogue dataset name; generated on first use if absent.
         dataset_recordings: size of a dataset generated on first use (8000 is ~1.8 GB).
         dataset_seed: seed of a generated dataset.
-        objective: ``nll``, ``median`` or ``calibrated`` (:data:`tuning.study.trial.OBJECTIVES`).
+        objective: ``nll``, ``median`` or ``calibrated`` (:data:`tuning.study.trial.OBJECTIVES`), or two
+            of them comma-separated for a Pareto search, e.g. ``nll,latency_ms`` (docs/architecture.md,
+            "Accuracy vs latency"); the first ranks epochs and drives ASHA.
+        max_latency_ms: two-objective studies with ``latency_ms``: the export takes the Pareto front
+            member with the best first objective among those at most this slow (None: no bound).
         trials: number of trials.
         max_epochs: epochs of a trial that ASHA lets finish (ASHA's max_t).
         time_budget_s: Tune stops the study after this long (None: no limit).
@@ -150,7 +165,12 @@ class StudyConfig:
         "size of a dataset generated on first use [{default}, ~0.23 MB each]", flag="--recordings", type=positive_int))
     dataset_seed: int = 0
     objective: str = field(default="nll", metadata=setting(
-        "; ".join(f"{o.name}: {o.description}" for o in OBJECTIVES.values()), choices=sorted(OBJECTIVES)))
+        "what to minimise: one name, or two comma-separated for an accuracy-vs-latency Pareto search "
+        "(nll,latency_ms; the first drives ASHA) [{default}]; "
+        + "; ".join(f"{o.name}: {o.description}" for o in OBJECTIVES.values()), type=objective_arg))
+    max_latency_ms: float | None = field(default=None, metadata=setting(
+        "with --objective X,latency_ms: export the Pareto front member with the best X among those with "
+        "latency_ms at most this [no bound]", type=positive_float))
     trials: int = field(default=8, metadata=setting("number of trials [{default}]", type=positive_int))
     max_epochs: int = field(default=4, metadata=setting("epochs of a trial ASHA does not stop [{default}]",
                                                         type=positive_int))
@@ -183,8 +203,16 @@ class StudyConfig:
         if not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= MAX_SEED):
             p.append(f"seed must be an integer in [0, {MAX_SEED}] (numpy's seed range less one per trial), "
                      f"got {self.seed!r}")
-        if self.objective not in OBJECTIVES:
-            p.append(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        objective = objective_problems(self.objective)
+        p += objective
+        if self.max_latency_ms is not None:
+            if not (isinstance(self.max_latency_ms, (int, float)) and math.isfinite(self.max_latency_ms)
+                    and self.max_latency_ms > 0):
+                p.append(f"max_latency_ms must be > 0 ms (or None for no bound), got {self.max_latency_ms!r}")
+            elif not objective and all(o.metric != LATENCY_METRIC for o in self.objectives):
+                p.append(f"max_latency_ms ({self.max_latency_ms:g}) bounds the latency_ms objective, which "
+                         f"--objective {self.objective!r} does not have; fix: --objective {self.objective},latency_ms "
+                         f"or drop --max-latency-ms")
         for key in ("dataset_recordings", "trials", "max_epochs", "workers_per_trial", "grace_period"):
             value = getattr(self, key)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
@@ -208,9 +236,14 @@ class StudyConfig:
         collect_problems("study settings", p)
 
     @property
+    def objectives(self) -> tuple[Objective, ...]:
+        """The :class:`~tuning.study.trial.Objective` s named by :attr:`objective`, first first."""
+        return parse_objectives(self.objective)
+
+    @property
     def objective_spec(self) -> Objective:
-        """The :class:`~tuning.study.trial.Objective` named by :attr:`objective`."""
-        return OBJECTIVES[self.objective]
+        """The first objective: it ranks a trial's epochs (its best checkpoint) and drives ASHA."""
+        return self.objectives[0]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (saved as ``study.json`` so ``--resume`` rebuilds the same study)."""
@@ -409,7 +442,8 @@ def _rdb_storage(url: str, engine_kwargs: dict[str, Any]) -> optuna.storages.RDB
     raise AssertionError("unreachable")
 
 
-def check_new_study(storage: optuna.storages.BaseStorage, runs: RunStorage, name: str, mode: str = "min") -> None:
+def check_new_study(storage: optuna.storages.BaseStorage, runs: RunStorage, name: str,
+                    mode: str | Sequence[str] = "min") -> None:
     """Claim the name of a new study: create its Optuna study now, so of two drivers started with
     the same ``--name`` only one gets it (the database's unique study name decides).
 
@@ -423,10 +457,11 @@ def check_new_study(storage: optuna.storages.BaseStorage, runs: RunStorage, name
         raise AlreadyExistsError(
             f"a study named {name!r} already exists in the run storage ({runs.describe()}); fix: add --resume to "
             f"continue it, or pick another --name")
-    direction = "minimize" if mode == "min" else "maximize"
+    # One mode per objective: a two-objective study is created with both directions.
+    directions = ["minimize" if m == "min" else "maximize" for m in ([mode] if isinstance(mode, str) else mode)]
     for attempt in range(2):
         try:
-            study = optuna.create_study(study_name=name, storage=storage, direction=direction, load_if_exists=False)
+            study = optuna.create_study(study_name=name, storage=storage, directions=directions, load_if_exists=False)
         except optuna.exceptions.DuplicatedStudyError:
             existing = optuna.load_study(study_name=name, storage=storage)
             if attempt == 0 and not existing.trials and _stale_claim(existing.user_attrs.get(CLAIM_ATTR)):
@@ -679,12 +714,16 @@ def make_searcher(config: StudyConfig, space: SearchSpace, storage: optuna.stora
 
     Creating it creates (or loads) the Optuna study, so a storage problem shows here.
     """
-    objective = config.objective_spec
+    objectives = config.objectives
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=config.tpe_startup_trials)
+    # Two objectives: lists make a multi-objective Optuna study, whose TPE samples towards the Pareto
+    # front; Tune's metric, hence ASHA's and the checkpoints', stays the first objective (build_tuner).
+    metric: str | list[str] = [o.metric for o in objectives] if len(objectives) > 1 else objectives[0].metric
+    mode: str | list[str] = [o.mode for o in objectives] if len(objectives) > 1 else objectives[0].mode
     searcher = StudySearch(
-        space=NumberedSpace(to_optuna(space)), metric=objective.metric, mode=objective.mode,
+        space=NumberedSpace(to_optuna(space)), metric=metric, mode=mode,
         sampler=sampler, study_name=config.name, storage=storage, max_epochs=config.max_epochs,
     )
     if config.warm_start is not None and not searcher._ot_study.get_trials(deepcopy=False):
