@@ -382,7 +382,8 @@ def _build(store: BlobStore, plan: _Plan, workers: int | None) -> dict[str, list
         with _original_errors():
             written = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
                 _ShardFeatures, batch_size=1, batch_format="numpy",
-                fn_constructor_kwargs={"fs": fs, "base": base, "spec": spec}, concurrency=n_actors, num_cpus=1,
+                fn_constructor_kwargs={"fs": fs, "base": base, "spec": spec},
+                compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=1,
             ).take_all()
     except Exception as err:
         cause = _heimdall_cause(err)
