@@ -48,6 +48,7 @@ from heimdall.errors import DataError, HeimdallError, NotFoundError, ServiceUnav
 from heimdall.features import feature_config_for
 from heimdall.scene import GeneratorConfig
 from heimdall.store import BlobStore, open_store
+from tuning.console import LOG_NAME, quiet_console
 from tuning.data.describe import baseline_reports
 from tuning.data.pipeline import FeatureCache, ensure_feature_cache, load_cached_split, trial_datasets
 from tuning.release.registry import StudyRecord
@@ -122,7 +123,9 @@ class RunMode:
         "continue the last study (or --name) after a crash", action="store_true"))
     no_export: bool = field(default=False, metadata=setting(
         "stop after the study: do not export, gate, publish and register the best trial", action="store_true"))
-    verbose: bool = field(default=False, metadata=setting("show Ray's and the workers' logs", action="store_true"))
+    verbose: bool = field(default=False, metadata=setting(
+        "print Ray's and the libraries' messages and the workers' output on the terminal (default: the "
+        "messages go to the study's study.log)", action="store_true"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -295,8 +298,9 @@ def start_ray(address: str | None, verbose: bool) -> bool:
     if ray.is_initialized():
         print("ray:       using this process's running Ray session")
         return False
-    kwargs: dict[str, Any] = {"include_dashboard": True, "log_to_driver": verbose,
-                              "logging_level": logging.INFO if verbose else logging.WARNING}
+    # Quiet (not verbose): the workers' output stays in their log files, and Ray Data draws no progress
+    # bars; the driver's own messages go to the study's log file (tuning.console), at INFO there.
+    kwargs: dict[str, Any] = {"include_dashboard": True, "log_to_driver": verbose, "logging_level": logging.INFO}
     if address:
         kwargs.update(address=address, runtime_env=_ray_address_env(address))
         ctx = ray.init(**kwargs)
@@ -304,8 +308,6 @@ def start_ray(address: str | None, verbose: bool) -> bool:
         ctx = _init_local_ray(kwargs)
     if not verbose:
         DataContext.get_current().enable_progress_bars = False
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
     url = ctx.dashboard_url
     print(f"ray:       dashboard at http://{url} (token authentication: the token is in ~/.ray/auth_token)"
           if url else "ray:       started (no dashboard URL reported)")
@@ -668,12 +670,15 @@ def _run(args: argparse.Namespace, callbacks: Sequence[tune.Callback], stop: Gra
     space = study_space(config)
     if args.dry_run:
         return dry_run(config, space, where, resume=args.resume, export=not args.no_export)
-    conn = connect(config, where, resume=args.resume, export=not args.no_export)
-    try:
-        return run_study(config, space, where, conn, resume=args.resume, verbose=args.verbose, callbacks=callbacks,
-                         stop=stop, resume_hint=resume_command(args, config.name))
-    finally:
-        conn.close()
+    with quiet_console(where.places.output_root / config.name / LOG_NAME, verbose=args.verbose) as log:
+        if log is not None:
+            print(f"log:       {log} (Ray's and the libraries' messages; --verbose prints them here)")
+        conn = connect(config, where, resume=args.resume, export=not args.no_export)
+        try:
+            return run_study(config, space, where, conn, resume=args.resume, verbose=args.verbose,
+                             callbacks=callbacks, stop=stop, resume_hint=resume_command(args, config.name))
+        finally:
+            conn.close()
 
 
 def dry_run(config: StudyConfig, space: SearchSpace, where: RunSettings, *, resume: bool, export: bool) -> int:
