@@ -76,6 +76,7 @@ from tuning.study.spaces import (
     space_summary,
     with_overrides,
 )
+from tuning.study.tracking import study_tracking
 from tuning.study.trial import TrialSpec
 from tuning.study.tune import (
     SMOKE_TEST,
@@ -396,7 +397,7 @@ def run_study(config: StudyConfig, space: SearchSpace, where: RunSettings, conn:
             _save_study(out_dir, where, conn.runs, config)
             tuner = build_tuner(config, make_searcher(config, space, conn.optuna), trainable, conn.runs, plan,
                                 callbacks=[StudyProgress(config.objective_spec, config.trials, config.max_epochs),
-                                           *callbacks])
+                                           *study_tracking(config, conn.registry), *callbacks])
         started = time.monotonic()
         with stop.fitting():
             results = tuner.fit()
