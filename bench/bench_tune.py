@@ -8,15 +8,22 @@ time) and times every trial from the driver: overhead = (first epoch reported
 epoch = the median gap between later epochs. It also extrapolates the ratio
 to the default study's trial (6400 training recordings, 8 epochs).
 
-(b) ``search``: TPE + ASHA against random search without early stopping, on
-the same compute budget (epochs), over several seeds: the fraction of the
-random search's compute that TPE + ASHA needs to match random search's best
-objective. To be affordable on 2 cores it trains in this process with
-Optuna's own ASHA (``SuccessiveHalvingPruner``, same grace period and
-reduction factor as the study's ``ASHAScheduler``) instead of one Ray Train
-run per trial; stopped trials are told to Optuna as COMPLETE with their last
-value, as ``OptunaSearch`` does. Caveats: a small dataset and few epochs make
-the objective noisy, so differences between seeds are large.
+(b) ``search``: TPE + ASHA against random search without early stopping, in
+seconds, over several seeds: the fraction of random search's seconds (wall
+clock, and CPU seconds of the bench's one-thread process, which other work on
+a shared machine does not inflate) that TPE + ASHA needs to match random
+search's best objective. Random
+search runs ``--trials`` full trials; each TPE + ASHA search runs until it
+matches that best or has used as many wall seconds. To be affordable on 2 cores it
+trains in this process with Optuna's own ASHA (``SuccessiveHalvingPruner``,
+same grace period (``--grace``) and reduction factor as the study's ``ASHAScheduler``)
+instead of one Ray Train run per trial; stopped trials are told PRUNED, as
+``tuning.study.tune.StudySearch`` does. Two TPE + ASHA variants: cold (the
+study's default) and warm-started (``--warm-start``) from the random search
+of another seed, as a study of the same space run earlier. Searches of one
+seed run one after the other, random and TPE interleaved, so machine load
+hits both alike. Caveats: a small dataset and few epochs make the objective
+noisy, so differences between seeds are large.
 
 Commands::
 
@@ -53,7 +60,7 @@ from tuning.run import main as run_main
 from tuning.settings import DataSettings, resolve
 from tuning.study.spaces import load_space, to_optuna
 from tuning.study.trial import OBJECTIVES, TrialSpec
-from tuning.study.tune import StudyConfig
+from tuning.study.tune import StudyConfig, warm_start_trials
 
 DEFAULT_TRAIN_ROWS = round(StudyConfig(name="x").dataset_recordings * 0.8)
 DEFAULT_EPOCHS = StudyConfig(name="x").max_epochs
@@ -170,6 +177,7 @@ class _ReportAndStop(pl.Callback):
     def __init__(self, trial: optuna.Trial, metric: str, prune: bool) -> None:
         self.trial, self.metric, self.prune = trial, metric, prune
         self.values: list[float] = []
+        self.pruned = False
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         value = float(trainer.callback_metrics.get(self.metric, float("nan")))
@@ -177,7 +185,7 @@ class _ReportAndStop(pl.Callback):
         self.values.append(value)
         self.trial.report(value, len(self.values))
         if self.prune and self.trial.should_prune():
-            trainer.should_stop = True
+            trainer.should_stop = self.pruned = True
 
 
 @dataclass
@@ -188,24 +196,31 @@ class SearchRun:
     seed: int
     epochs: list[int] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
     values: list[float] = field(default_factory=list)
+    pruned: int = 0
 
     def best(self) -> float:
         return min(self.values)
 
-    def cost_to_reach(self, target: float) -> tuple[int | None, float | None]:
-        """Cumulative epochs and seconds when the best value first reaches ``target``."""
-        best, epochs, seconds = math.inf, 0, 0.0
-        for e, s, v in zip(self.epochs, self.seconds, self.values):
-            epochs, seconds, best = epochs + e, seconds + s, min(best, v)
+    def cost_to_reach(self, target: float) -> tuple[int, float, float] | None:
+        """Cumulative (epochs, wall seconds, CPU seconds) when the best value first reaches ``target``."""
+        best, epochs, seconds, cpu = math.inf, 0, 0.0, 0.0
+        for e, s, c, v in zip(self.epochs, self.seconds, self.cpu, self.values):
+            epochs, seconds, cpu, best = epochs + e, seconds + s, cpu + c, min(best, v)
             if best <= target:
-                return epochs, seconds
-        return None, None
+                return epochs, seconds, cpu
+        return None
 
 
 def _train_one(trial: optuna.Trial, space: Any, cache: FeatureCache, data: dict, args: argparse.Namespace,
-               prune: bool) -> tuple[int, float, float]:
-    """Train one trial in this process; returns (epochs trained, seconds, last objective value)."""
+               prune: bool) -> tuple[int, float, float, float, bool]:
+    """Train one trial in this process; returns (epochs, wall seconds, CPU seconds, last objective value, pruned).
+
+    CPU seconds (this process, one torch thread) are what the trial costs on a core of its own; wall
+    seconds also count the waits that other work on a shared machine imposes.
+    """
+    started, cpu = time.monotonic(), time.process_time()  # model building counts: it is part of a trial's cost
     spec = TrialSpec(StudyConfig(name="bench", max_epochs=args.epochs), space, train_storage="unused")
     to_optuna(space)(trial)
     configs = spec.configs(trial.params)
@@ -220,59 +235,86 @@ def _train_one(trial: optuna.Trial, space: Any, cache: FeatureCache, data: dict,
     train = torch.utils.data.DataLoader(_Rows(data["train"]), batch_size=configs.optimizer.batch_size,
                                         shuffle=True, generator=gen)
     val = torch.utils.data.DataLoader(_Rows(data["val"]), batch_size=256)
-    started = time.monotonic()
     trainer.fit(module, train, val)
-    return len(report.values), time.monotonic() - started, report.values[-1]
+    return (len(report.values), time.monotonic() - started, time.process_time() - cpu, report.values[-1],
+            report.pruned)
 
 
-def _search(method: str, seed: int, budget: int, space: Any, cache: FeatureCache, data: dict,
-            args: argparse.Namespace) -> SearchRun:
+#: One storage for every search of the bench, so a warm start reads another search's study.
+_STORAGE = optuna.storages.InMemoryStorage()
+
+
+def _search(method: str, seed: int, space: Any, cache: FeatureCache, data: dict, args: argparse.Namespace,
+            target: float | None = None, seconds: float | None = None, warm_from: str | None = None) -> SearchRun:
+    """Random search: ``args.trials`` full trials. TPE + ASHA: until ``target`` is reached or ``seconds`` used."""
     if method == "random":
         sampler, pruner = optuna.samplers.RandomSampler(seed=seed), optuna.pruners.NopPruner()
     else:
         # Another seed: TPE's startup trials would otherwise replay the random search's first draws.
         sampler = optuna.samplers.TPESampler(seed=seed + 10_000, n_startup_trials=args.startup)
-        pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
-    study = optuna.create_study(sampler=sampler, pruner=pruner)
+        pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=args.grace, reduction_factor=3)
+    study = optuna.create_study(study_name=f"{method}-{seed}", storage=_STORAGE, sampler=sampler, pruner=pruner)
+    if warm_from is not None:
+        warm_start_trials(study, warm_from, to_optuna(space))
     run = SearchRun(method, seed)
-    while sum(run.epochs) < budget:
+    while len(run.values) < args.trials if method == "random" else (
+            sum(run.seconds) < seconds and (not run.values or run.best() > target)):
         trial = study.ask()
-        epochs, seconds, value = _train_one(trial, space, cache, data, args, prune=method != "random")
-        study.tell(trial, value)  # stopped trials count as COMPLETE with their last value, as in OptunaSearch
-        run.epochs.append(epochs), run.seconds.append(seconds), run.values.append(value)
-        print(f"  {method:9s} seed {seed} trial {trial.number:2d}: {epochs} epoch(s), nll {value:.3f}, "
-              f"{sum(run.epochs)}/{budget} epochs", flush=True)
+        epochs, secs, cpu, value, pruned = _train_one(trial, space, cache, data, args, prune=method != "random")
+        if pruned:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)  # value: its last intermediate value
+        else:
+            study.tell(trial, value)
+        run.epochs.append(epochs), run.seconds.append(secs), run.cpu.append(cpu), run.values.append(value)
+        run.pruned += pruned
+        print(f"  {method:14s} seed {seed} trial {trial.number:2d}: {epochs} epoch(s){' pruned' if pruned else ''}, "
+              f"nll {value:.3f}, {secs:5.1f} s, {sum(run.seconds):6.0f} s in all", flush=True)
     return run
 
 
 def search(args: argparse.Namespace) -> None:
-    """TPE + ASHA against random search on the same epoch budget, for each seed."""
+    """TPE + ASHA, cold and warm-started, against random search in seconds, for each seed."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)  # per-trial device banners
     torch.set_num_threads(1)  # as a Train worker with one CPU
     cache, data = _ensure_data(args)
     space = load_space(args.space)
-    budget = args.trials * args.epochs
+    seeds = list(args.seeds)
+    randoms: dict[int, SearchRun] = {}
     lines = []
-    for seed in args.seeds:
-        rnd = _search("random", seed, budget, space, cache, data, args)
-        tpe = _search("tpe+asha", seed, budget, space, cache, data, args)
-        epochs, seconds = tpe.cost_to_reach(rnd.best())
-        frac_e = f"{epochs / sum(rnd.epochs):.2f}" if epochs else "not reached"
-        frac_s = f"{seconds / sum(rnd.seconds):.2f}" if seconds else "not reached"
-        lines.append((seed, rnd.best(), len(rnd.values), tpe.best(), len(tpe.values), frac_e, frac_s, epochs))
-    print(f"\n(b) TPE+ASHA vs random search  [python bench/bench_tune.py search {' '.join(sys.argv[2:])}]")
-    print(f"budget {budget} epochs per search ({args.trials} random trials x {args.epochs} epochs), "
-          f"{args.recordings} recordings, objective val/nll_km")
-    print(f"{'seed':>4} {'random best':>11} {'trials':>6} {'tpe best':>9} {'trials':>6} "
-          f"{'epochs to match':>15} {'time to match':>13}")
-    for seed, rb, rn, tb, tn, fe, fs, _ in lines:
-        print(f"{seed:4d} {rb:11.3f} {rn:6d} {tb:9.3f} {tn:6d} {fe:>15} {fs:>13}")
-    reached = [float(line[5]) for line in lines if line[7]]
-    print(f"TPE+ASHA matched random search's best in {len(reached)}/{len(lines)} seeds; median fraction of "
-          f"random's compute (epochs) where matched: {statistics.median(reached) if reached else float('nan'):.2f}; "
-          f"TPE+ASHA's best was lower in {sum(line[3] < line[1] for line in lines)}/{len(lines)} seeds")
+
+    def random(seed: int) -> None:
+        if seed not in randoms:
+            randoms[seed] = _search("random", seed, space, cache, data, args)
+
+    for i, seed in enumerate(seeds):
+        source = seeds[(i + 1) % len(seeds)]  # an earlier study of the same space: another seed's random search
+        random(seed), random(source)
+        rnd = randoms[seed]
+        budget = sum(rnd.seconds)
+        for method, warm in (("tpe+asha", None), ("tpe+asha warm", f"random-{source}")):
+            run = _search(method, seed, space, cache, data, args, target=rnd.best(), seconds=budget, warm_from=warm)
+            lines.append((seed, method, warm, rnd, run, run.cost_to_reach(rnd.best())))
+    print(f"\n(b) TPE+ASHA vs random search, in seconds  [python bench/bench_tune.py search {' '.join(sys.argv[2:])}]")
+    print(f"random: {args.trials} trials x {args.epochs} epochs; TPE+ASHA: until it matches random's best or has used "
+          f"random's seconds; {args.recordings} recordings, objective val/nll_km")
+    print(f"{'seed':>4} {'method':>14} {'warm from':>9} {'random best':>11} {'random s':>8} {'random cpu s':>12} "
+          f"{'best':>7} {'trials':>6} {'pruned':>6} {'s to match':>10} {'of random s':>11} {'of cpu s':>8} "
+          f"{'of epochs':>9}")
+    for seed, method, warm, rnd, run, cost in lines:
+        e, w, c = cost or (None, None, None)
+        print(f"{seed:4d} {method:>14} {warm or '-':>9} {rnd.best():11.3f} {sum(rnd.seconds):8.0f} {sum(rnd.cpu):12.0f} "
+              f"{run.best():7.3f} {len(run.values):6d} {run.pruned:6d} "
+              + (f"{w:10.0f} {w / sum(rnd.seconds):11.2f} {c / sum(rnd.cpu):8.2f} {e / sum(rnd.epochs):9.2f}"
+                 if cost else f"{'-':>10} {'not reached':>11} {'-':>8} {'-':>9}"))
+    for method in ("tpe+asha", "tpe+asha warm"):
+        costs = [(cost, rnd) for _, m, _, rnd, _, cost in lines if m == method]
+        wall = [c[1] / sum(r.seconds) if c else math.inf for c, r in costs]
+        cpu = [c[2] / sum(r.cpu) if c else math.inf for c, r in costs]
+        print(f"{method}: matched random's best in {sum(map(math.isfinite, wall))}/{len(wall)} seeds; median fraction "
+              f"of random's wall seconds {statistics.median(wall):.2f}, of its CPU seconds {statistics.median(cpu):.2f} "
+              f"(not reached counts as infinite)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,11 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--trials", type=int, default=2)
     a.add_argument("--default-study", action="store_true",
                    help="time the default study itself (`python -m tuning.run --space SPACE`, all defaults)")
-    b = sub.add_parser("search", help="(b) TPE+ASHA vs random search on the same budget")
+    b = sub.add_parser("search", help="(b) TPE+ASHA vs random search, in seconds")
     b.add_argument("--recordings", type=int, default=600)
     b.add_argument("--epochs", type=int, default=4)
-    b.add_argument("--trials", type=int, default=8, help="random-search trials; the budget is trials x epochs")
+    b.add_argument("--trials", type=int, default=8, help="random-search trials (x --epochs each)")
     b.add_argument("--startup", type=int, default=3, help="TPE's random startup trials")
+    b.add_argument("--grace", type=int, default=StudyConfig(name="x").grace_period,
+                   help="epochs before ASHA may stop a trial (the study's --grace-period) [%(default)s]")
     b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     for p in (a, b):
         p.add_argument("--space", default="resnet")
