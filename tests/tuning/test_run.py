@@ -201,13 +201,14 @@ def test_tiny_study_keeps_its_study_in_postgresql_and_checkpoints_in_s3(
 
 
 def mlflow_runs(db: Path, experiment: str) -> list[str]:
-    """Run names of an MLflow experiment in a SQLite tracking store."""
+    """Run names of the trials' runs of an MLflow experiment in a SQLite tracking store (the study's
+    parent run left out)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     found = client.get_experiment_by_name(experiment)
     assert found is not None, f"no MLflow experiment {experiment!r}"
-    return [r.info.run_name for r in client.search_runs([found.experiment_id])]
+    return [r.info.run_name for r in client.search_runs([found.experiment_id]) if "heimdall.trial_id" in r.data.tags]
 
 
 def _descendants(root: int) -> dict[int, str]:
