@@ -8,6 +8,7 @@ starts, after the first has trained both its epochs.
 """
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import subprocess
@@ -94,7 +95,7 @@ def _check_live_study(uri: str, name: str, code: int, probe: MidStudy, summary: 
     parent_id, parent_status = seen["parent"]
     assert parent_status == "RUNNING"
     assert set(seen["children"]) == set(seen["started"]) and len(seen["children"]) == 2, seen
-    for trial_id, (_, status, parent_of, number, params) in seen["children"].items():
+    for trial_id, (_, _status, parent_of, number, params) in seen["children"].items():
         assert parent_of == parent_id and number is not None and "optimizer.lr" in params, (trial_id, params)
     two_epochs = [t for t, h in seen["history"].items() if len(h) >= 2]
     assert two_epochs and all([s for s, _ in seen["history"][t]][:2] == [1, 2] for t in two_epochs), seen["history"]
@@ -218,7 +219,7 @@ def _sqlite_mlflow_server(tmp_path: Path) -> tuple[subprocess.Popen, str]:
          f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "artefacts"),
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        env={**__import__("os").environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     server = MlflowServer(f"http://127.0.0.1:{port}", process.pid, Path("/dev/null"), "", "", process)
     server._wait_healthy(180.0)
     return process, server.uri
