@@ -269,6 +269,15 @@ class Registry:
             self.client.set_tag(run_id, f"{TAG}status", status)
             self.client.set_terminated(run_id, _RUN_STATUS.get(status, "FINISHED"))
 
+    def log_study_file(self, study: str, path: Path) -> str:
+        """Attach a file (the study page, ``report.html``) to the study's parent run, created FINISHED
+        if the study was not tracked live. Returns the run id."""
+        experiment_id = self.experiment(study)
+        with self._call(f"log {Path(path).name} to the parent run of study {study!r}"):
+            run_id = self._study_run(experiment_id, study, live=False)
+            self.client.log_artifact(run_id, str(path))
+            return run_id
+
     def release_run(self, experiment_id: str, study: str, trial_id: str | None, run_ids: Mapping[str, str]) -> str:
         """The run that carries the release's artefacts: the best trial's, else a run named ``release``."""
         if trial_id and trial_id in run_ids:
