@@ -1021,7 +1021,7 @@ def reconcile_for_resume(storage: optuna.storages.BaseStorage, runs: RunStorage,
     state = json.loads(raw)
     study_id = storage.get_study_id_from_name(config.name)
     optuna_trials = {t.number: t for t in storage.get_all_trials(study_id, deepcopy=False)}
-    metric = config.objective_spec.metric
+    metrics = [o.metric for o in config.objectives]  # a two-objective study is told both values
     closed: list[int] = []
     completed: list[int] = []
     resumed: list[int] = []
@@ -1039,7 +1039,9 @@ def reconcile_for_resume(storage: optuna.storages.BaseStorage, runs: RunStorage,
             continue
         logged = _logged_results(fs, f"{experiment}/{trial['relative_logdir']}")
         last = logged[-1] if logged else None
-        value = last.get(metric) if last else None
+        values = [last.get(m) for m in metrics] if last else []
+        finite = len(values) == len(metrics) and all(
+            isinstance(v, int | float) and math.isfinite(v) for v in values)
         epochs = int(last.get(EPOCHS_METRIC, 0)) if last else 0
         if ot.state in _OPTUNA_FINISHED:
             if epochs < max(ot.intermediate_values, default=1):
@@ -1050,10 +1052,11 @@ def reconcile_for_resume(storage: optuna.storages.BaseStorage, runs: RunStorage,
                 continue
             trial["status"] = _OPTUNA_FINISHED[ot.state]
             closed.append(ot.number)
-        elif epochs >= config.max_epochs and isinstance(value, (int, float)) and math.isfinite(value):
-            if epochs not in ot.intermediate_values:  # one value per epoch, as StudySearch reports them
-                storage.set_trial_intermediate_value(ot._trial_id, epochs, float(value))
-            storage.set_trial_state_values(ot._trial_id, optuna.trial.TrialState.COMPLETE, [float(value)])
+        elif epochs >= config.max_epochs and finite:
+            # One value per epoch, as StudySearch reports them (Optuna keeps none in a two-objective study).
+            if len(metrics) == 1 and epochs not in ot.intermediate_values:
+                storage.set_trial_intermediate_value(ot._trial_id, epochs, float(values[0]))
+            storage.set_trial_state_values(ot._trial_id, optuna.trial.TrialState.COMPLETE, [float(v) for v in values])
             trial["status"] = "TERMINATED"
             completed.append(ot.number)
         else:
