@@ -29,6 +29,7 @@ from heimdall.catalog import Catalog, open_catalog
 from heimdall.errors import ConfigError
 from heimdall.store import BlobStore, open_store
 from heimdall.store.s3 import ENDPOINT_VARS
+from heimdall.upstream.ingest import HeimdallImportConfig
 
 if TYPE_CHECKING:
     from tuning.release.registry import Registry
@@ -62,11 +63,11 @@ __all__ = [
 DEFAULT_DATA_DIR = ".heimdall"
 #: The models bucket when an S3 endpoint is configured (``python -m tuning.services up`` creates it).
 MODELS_BUCKET = "heimdall-models"
-#: The shard bucket when an S3 endpoint is configured (``python -m tuning.services up`` creates it).
+#: The shard bucket when an S3 endpoint is configured (the S3 store creates it on its first write).
 DATASETS_BUCKET = "heimdall-datasets"
 #: Upstream Heimdall's raw-IQ bucket: read by ``tuning.data import --from-heimdall``, never written,
 #: because upstream's daily lifecycle job deletes the objects there that its database does not reference.
-RAW_IQ_BUCKET = "heimdall-raw-iq"
+RAW_IQ_BUCKET = HeimdallImportConfig.raw_iq_bucket
 
 
 def setting(help: str, *, flag: str | None = None, env: str | None = None, type: Callable[[str], Any] | None = None,
