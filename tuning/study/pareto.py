@@ -2,7 +2,7 @@
 
 A study run with ``--objective nll,latency_ms`` minimises both (Optuna samples
 towards their Pareto front); every trial reports its exported model's
-onnxruntime latency (:func:`tuning.study.trial.measure_latency_ms`) next to its
+onnxruntime latency (:func:`tuning.study.worker.measure_latency_ms`) next to its
 validation metrics. The front is built from each trial's row in the summary
 (:func:`tuning.study.report.trial_rows`): its best epoch by the first
 objective, which is the checkpoint the export takes, and the latency of its

@@ -34,7 +34,7 @@ import yaml
 from heimdall.errors import ConfigError, collect_problems
 from heimdall.losses import LossConfig, validate_model_and_loss
 from heimdall.models import ARCHITECTURES
-from heimdall.module import OptimizerConfig
+from heimdall.optimizer import OptimizerConfig
 
 if TYPE_CHECKING:
     import optuna

@@ -4,7 +4,9 @@ Each Tune trial is the function :func:`run_trial`, which builds a
 ``TorchTrainer`` and calls ``fit()``; its workers run
 :func:`train_loop_per_worker`, a plain Lightning ``Trainer`` over
 :class:`heimdall.module.LocalizationModule` with Ray added from the outside
-only. Every validation epoch is one report (metrics and a checkpoint) that ASHA
+only (:mod:`tuning.study.worker`, imported only by the workers: this module
+stays free of Lightning, which costs seconds to import in every process that
+unpickles a trial). Every validation epoch is one report (metrics and a checkpoint) that ASHA
 may stop the trial on. A dead worker restarts the Train run from its last
 checkpoint (a finite number of times); a deterministic failure
 (:data:`DETERMINISTIC_ERRORS`) is never retried: :class:`TrialFailed` ends it
@@ -15,39 +17,25 @@ names. The design and the Ray facts behind it: docs/architecture.md, "Search".
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import statistics
-import tempfile
-import time
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import lightning.pytorch as pl
-import numpy as np
 import pyarrow.fs
 import ray.train
-import torch
 from ray import tune
-from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from heimdall.errors import HeimdallError, collect_problems
 from heimdall.metrics import NOMINAL_COVERAGE
-from heimdall.models import build_model
-from heimdall.module import LocalizationModule
-from tuning.data.pipeline import FeatureCache, RayBatches
-from tuning.release.onnx import build_metadata, export_onnx, onnx_session
 from tuning.study.spaces import SearchSpace, TrialConfigs, build_configs, fit_budget
 
 if TYPE_CHECKING:
     import ray.data
 
+    from tuning.data.pipeline import FeatureCache
     from tuning.study.tune import StudyConfig
 
 __all__ = [
@@ -59,16 +47,12 @@ __all__ = [
     "objective_problems",
     "parse_objectives",
     "objective_arg",
-    "LATENCY_THREADS",
-    "latency_session",
-    "measure_latency_ms",
     "COVERAGE_BAND",
     "COVERAGE_PENALTY",
     "EPOCHS_METRIC",
     "OPTUNA_NUMBER_KEY",
     "calibrated_nll",
     "TrialSpec",
-    "TrialMetrics",
     "trial_params",
     "DETERMINISTIC_ERRORS",
     "TrialFailed",
@@ -283,204 +267,18 @@ def trial_params(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k != OPTUNA_NUMBER_KEY}
 
 
-# -- latency ------------------------------------------------------------------------------
-
-#: onnxruntime intra-op threads of the latency measurement (inter-op: 1). One thread makes
-#: the number comparable across trials and machines, whatever else runs beside the trial.
-LATENCY_THREADS = 1
-#: Untimed runs first (onnxruntime allocates and picks kernels on the first runs).
-LATENCY_WARMUP = 10
-#: Timed runs; the latency is their median, which shrugs off a busy neighbour's spikes.
-LATENCY_RUNS = 100
-
-
-def latency_session(path: str | Path) -> Any:
-    """The onnxruntime session latency is measured with: CPU, :data:`LATENCY_THREADS` intra-op
-    thread, one inter-op thread."""
-    return onnx_session(path, threads=LATENCY_THREADS)
-
-
-def measure_latency_ms(module: LocalizationModule, *, runs: int = LATENCY_RUNS, warmup: int = LATENCY_WARMUP) -> float:
-    """Median onnxruntime latency of ``module``'s exported graph on one recording, in ms.
-
-    The module is exported exactly as a release is (:func:`tuning.release.onnx.export_onnx`)
-    into a temporary file, loaded in a :func:`latency_session` and run on one fixed random
-    recording (batch 1): ``warmup`` runs, then the median of ``runs`` timed ones. The
-    graph, hence the latency, depends on the architecture, not the weights.
-
-    Args:
-        module: any module of the trial's configs (its weights do not matter).
-        runs: timed runs (>= 1).
-        warmup: untimed runs before them (>= 0).
-
-    Returns:
-        Milliseconds per recording (finite, > 0).
-
-    Raises:
-        ExportError: the exporter failed.
-    """
-    if runs < 1 or warmup < 0:
-        raise ValueError(f"runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}; fix: pass valid counts")
-    fc = module.feature_config
-    n = module.model.n_receivers
-    rng = np.random.default_rng(0)
-    feed = {"features": rng.normal(0.0, 1.5, (1, n, fc.n_fft, fc.n_frames)).astype(np.float32),
-            "mask": np.ones((1, n), dtype=bool)}
-    with tempfile.TemporaryDirectory(prefix="heimdall-latency-") as tmp:
-        path = export_onnx(module, Path(tmp) / "model.onnx", build_metadata(module))
-        session = latency_session(path)  # onnxruntime has read the file: the folder may go
-    for _ in range(warmup):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000.0
-
-
-def _architecture_metrics(configs: TrialConfigs, cache: FeatureCache) -> dict[str, float]:
-    """Latency and parameter count of the trial's architecture, on a fresh module of its configs
-    (the training module is left alone: exporting switches a module to eval mode)."""
-    with torch.random.fork_rng(devices=[]):  # the training's random stream stays as without it
-        module = _build_module(configs, cache)
-    return {LATENCY_METRIC: measure_latency_ms(module),
-            MODEL_PARAMS_METRIC: float(sum(p.numel() for p in module.parameters()))}
-
-
 # -- worker side ----------------------------------------------------------------------
 
 
-class TrialMetrics(pl.Callback):
-    """Adds the study's derived metrics before Ray's report callback reads them.
-
-    At the end of each training epoch (validation has run by then) it puts
-    ``epochs`` (completed, from 1), ``val/calibrated_nll`` and the trial's
-    ``constants`` (its architecture's :data:`LATENCY_METRIC` and
-    :data:`MODEL_PARAMS_METRIC`, measured once) into ``trainer.callback_metrics``.
-    It also remembers the last metrics in the Lightning checkpoint, so a trial
-    resumed from its final checkpoint, which trains no further epoch, can still
-    report its result (:meth:`report_if_silent`), and a resumed trial keeps its
-    constants without measuring them again.
-
-    Args:
-        constants: metrics reported unchanged with every epoch.
-    """
-
-    def __init__(self, constants: Mapping[str, float] | None = None) -> None:
-        self.constants = dict(constants or {})
-        self.last_metrics: dict[str, float] = {}
-        self.reported = False
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Add ``epochs``, the calibrated objective and the constants to ``trainer.callback_metrics``."""
-        metrics = trainer.callback_metrics
-        metrics[EPOCHS_METRIC] = torch.tensor(float(trainer.current_epoch + 1))
-        if all(k in metrics for k in ("val/nll_km", "val/coverage_1sigma", "val/coverage_2sigma")):
-            value = calibrated_nll(*(float(metrics[k]) for k in ("val/nll_km", "val/coverage_1sigma", "val/coverage_2sigma")))
-            metrics[OBJECTIVES["calibrated"].metric] = torch.tensor(value)
-        for key, value in self.constants.items():
-            metrics[key] = torch.tensor(value, dtype=torch.float64)
-        self.last_metrics = {k: float(v) for k, v in metrics.items()}
-        self.reported = True
-
-    def state_dict(self) -> dict[str, Any]:
-        """The last reported metrics (saved in each Lightning checkpoint)."""
-        return {"last_metrics": dict(self.last_metrics)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the last reported metrics (and from them the constants) from a checkpoint."""
-        self.last_metrics = dict(state_dict.get("last_metrics", {}))
-        for key in (LATENCY_METRIC, MODEL_PARAMS_METRIC):
-            if key in self.last_metrics:
-                self.constants.setdefault(key, self.last_metrics[key])
-
-    def report_if_silent(self) -> None:
-        """Report the restored metrics if this attempt trained no epoch.
-
-        Without it a trial whose run had already finished when the driver died
-        would end without any result and count as pruned.
-        """
-        if not self.reported and self.last_metrics:
-            ray.train.report(dict(self.last_metrics))
-
-
-def _quiet_lightning() -> None:
-    """Keep Lightning's per-trial banners (devices, model summary) out of the logs."""
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
-
-
-def _build_trainer(spec: TrialSpec, metrics: TrialMetrics) -> pl.Trainer:
-    trainer = pl.Trainer(
-        max_epochs=spec.study.max_epochs,
-        accelerator="cpu",
-        devices="auto",
-        strategy=RayDDPStrategy(),
-        plugins=[RayLightningEnvironment()],
-        # Order matters: TrialMetrics must fill callback_metrics before Ray reads them.
-        callbacks=[metrics, RayTrainReportCallback()],
-        logger=False,
-        enable_checkpointing=False,  # Ray's callback writes the only checkpoints
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,  # a sanity pass would cost a validation per trial start
-    )
-    return prepare_trainer(trainer)
-
-
-def _build_module(configs: TrialConfigs, cache: FeatureCache) -> LocalizationModule:
-    model = build_model(configs.arch, configs.model)
-    return LocalizationModule(model, configs.loss, configs.optimizer, cache.target_scaling, cache.feature_config)
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """The body of every Train worker: fit one LocalizationModule, resuming if Train has a checkpoint.
+    """The body of every Train worker: :func:`tuning.study.worker.train_loop_per_worker`.
 
-    Args:
-        config: ``{"spec": TrialSpec, "params": flat parameters, "seed": int,
-            "cache": FeatureCache, "trial_id": Tune's trial id}`` as :func:`run_trial` builds it.
+    Imported here, in the worker, so that Lightning stays out of the processes that
+    only unpickle this function (Tune's trial actor, Train's controller).
     """
-    _quiet_lightning()
-    spec: TrialSpec = config["spec"]
-    cache: FeatureCache = config["cache"]
-    configs = spec.configs(config["params"])
-    pl.seed_everything(config["seed"], workers=True, verbose=False)
-    module = _build_module(configs, cache)
-    checkpoint = ray.train.get_checkpoint()
-    # Rank 0 only: Tune takes rank 0's metrics. A resumed run restores them from its checkpoint.
-    measure = (any(o.metric == LATENCY_METRIC for o in spec.study.objectives) and checkpoint is None
-               and ray.train.get_context().get_world_rank() == 0)
-    metrics = TrialMetrics(_architecture_metrics(configs, cache) if measure else None)
-    trainer = _build_trainer(spec, metrics)
-    world = ray.train.get_context().get_world_size()
-    # n_rows gives the loaders a length: the module's lr schedule counts steps per epoch.
-    train = RayBatches(ray.train.get_dataset_shard("train"), configs.optimizer.batch_size, shuffle=True,
-                       seed=config["seed"], n_rows=cache.counts["train"] // world)
-    val = RayBatches(ray.train.get_dataset_shard("val"), EVAL_BATCH_SIZE, shuffle=False,
-                     seed=0, n_rows=cache.counts["val"] // world)
-    _announce(config.get("trial_id"), checkpoint)
-    if checkpoint is None:
-        trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
-        return
-    # Fit inside the context: for S3 storage the directory is a download that vanishes on exit.
-    with checkpoint.as_directory() as directory:
-        ckpt = Path(directory) / RayTrainReportCallback.CHECKPOINT_NAME
-        # A checkpoint is data: explicit, as Lightning leaves None to torch, whose default an env variable can turn off.
-        trainer.fit(module, train_dataloaders=train, val_dataloaders=val, ckpt_path=str(ckpt), weights_only=True)
-    metrics.report_if_silent()
+    from tuning.study.worker import train_loop_per_worker as fit
 
-
-def _announce(trial_id: str | None, checkpoint: ray.train.Checkpoint | None) -> None:
-    """One line in the worker's log (dashboard → Logs, or ``worker-*.out`` on its node): which
-    trial, which rank, which node, and whether it starts fresh or resumes from a checkpoint."""
-    ctx = ray.train.get_context()
-    how = f"resuming from {checkpoint.path}" if checkpoint is not None else "starting from scratch"
-    print(f"{datetime.now().isoformat(timespec='milliseconds')} heimdall: trial {trial_id} rank "
-          f"{ctx.get_world_rank()}/{ctx.get_world_size()} on node {ray.get_runtime_context().get_node_id()} "
-          f"pid {os.getpid()}: {how}", flush=True)
+    fit(config)
 
 
 # -- trial side (one Tune trial = one Train run) ---------------------------------------

@@ -18,17 +18,9 @@ from heimdall.module import LocalizationModule
 from tuning.run import build_parser, main
 from tuning.study.pareto import ParetoChoiceError, choose, export_order, pareto_front, study_front
 from tuning.study.report import TrialRow
-from tuning.study.trial import (
-    LATENCY_METRIC,
-    LATENCY_THREADS,
-    MODEL_PARAMS_METRIC,
-    OBJECTIVES,
-    latency_session,
-    measure_latency_ms,
-    objective_arg,
-    parse_objectives,
-)
+from tuning.study.trial import LATENCY_METRIC, MODEL_PARAMS_METRIC, OBJECTIVES, objective_arg, parse_objectives
 from tuning.study.tune import StudyConfig
+from tuning.study.worker import LATENCY_THREADS, latency_session, measure_latency_ms
 
 TWO = parse_objectives("nll,latency_ms")
 
