@@ -411,6 +411,17 @@ def run_trial(
         raise TrialFailed(reason) from None
 
 
+def _scaling_config(spec: TrialSpec) -> ray.train.ScalingConfig:
+    """The trial's Train workers and what each reserves."""
+    return ray.train.ScalingConfig(num_workers=spec.study.workers_per_trial,
+                                   resources_per_worker={"CPU": spec.study.cpus_per_worker})
+
+
+def _dataset_config(spec: TrialSpec) -> ray.train.DataConfig:
+    """How Train hands the trial's datasets to its workers (every dataset split across them)."""
+    return ray.train.DataConfig()
+
+
 def _fit_with_restarts(config: Mapping[str, Any], spec: TrialSpec, datasets: Mapping[str, Any],
                        cache: FeatureCache, trial_id: str) -> None:
     params = trial_params(config)
@@ -421,10 +432,9 @@ def _fit_with_restarts(config: Mapping[str, Any], spec: TrialSpec, datasets: Map
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"spec": spec, "params": params, "seed": seed, "cache": cache, "trial_id": trial_id},
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=spec.study.workers_per_trial, resources_per_worker={"CPU": spec.study.cpus_per_worker}
-            ),
+            scaling_config=_scaling_config(spec),
             datasets=dict(datasets),
+            dataset_config=_dataset_config(spec),
             run_config=_train_run_config(spec, trial_id),  # same name: a restart resumes the run
         )
         try:

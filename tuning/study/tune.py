@@ -44,6 +44,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from heimdall.catalog import redact_url
+from heimdall.devices import DEFAULT_PRECISION, PRECISIONS
 from heimdall.errors import AlreadyExistsError, ConfigError, NotFoundError, ServiceUnavailableError, collect_problems
 from heimdall.store import S3Settings, open_store
 from tuning.data.pipeline import READ_CONCURRENCY, READ_NUM_CPUS, FeatureCache
@@ -145,6 +146,9 @@ class StudyConfig:
         seed: seed of the TPE sampler and (plus the trial number) of each trial.
         workers_per_trial: Train workers (DDP processes) per trial.
         cpus_per_worker: CPUs each Train worker reserves.
+        gpus_per_worker: GPUs each Train worker reserves, in [0, 1]: 0 trains on CPUs, a fraction
+            packs several trials' workers on one GPU (Ray's fractional GPUs).
+        precision: Lightning's training precision (:data:`heimdall.devices.PRECISIONS`).
         grace_period: epochs every trial runs before ASHA may stop it (>= 1).
         reduction_factor: ASHA keeps the best 1/reduction_factor at each rung.
         max_failures: Train worker-group restarts per trial (finite).
@@ -182,6 +186,13 @@ class StudyConfig:
         "Train workers (DDP processes) per trial [{default}]", type=positive_int))
     cpus_per_worker: float = field(default=1.0, metadata=setting(
         "CPUs per Train worker [{default}]", type=positive_float, shown=lambda c: f"{c:g}"))
+    gpus_per_worker: float = field(default=0.0, metadata=setting(
+        "GPUs per Train worker: 0 trains on CPUs; a fraction (0.25, 0.5) packs several trials on one GPU; "
+        "1 gives each worker a whole GPU (more GPUs per trial: more --workers-per-trial) [{default}]",
+        type=float, shown=lambda g: f"{g:g}"))
+    precision: str = field(default=DEFAULT_PRECISION, metadata=setting(
+        "numeric precision of training (Lightning's): 32, bf16-mixed or 16-mixed (GPU only) [{default}]",
+        choices=PRECISIONS))
     grace_period: int = field(default=1, metadata=setting(
         "epochs every trial runs before ASHA may stop it [{default}]", type=positive_int))
     reduction_factor: int = 3
@@ -225,6 +236,16 @@ class StudyConfig:
             p.append(f"time_budget_s must be > 0 seconds (or None for no limit), got {self.time_budget_s}")
         if not (math.isfinite(self.cpus_per_worker) and self.cpus_per_worker > 0):
             p.append(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if not (isinstance(self.gpus_per_worker, (int, float)) and math.isfinite(self.gpus_per_worker)
+                and 0 <= self.gpus_per_worker <= 1):
+            p.append(f"gpus_per_worker must lie in [0, 1] (0: CPU only; a fraction packs trials on one GPU), got "
+                     f"{self.gpus_per_worker!r}; fix: for several GPUs per trial use --workers-per-trial N with "
+                     f"--gpus-per-worker 1")
+        if self.precision not in PRECISIONS:
+            p.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        elif self.precision == "16-mixed" and not self.gpus_per_worker:
+            p.append("precision 16-mixed needs a GPU (float16 autocast on a CPU is slower than float32 and "
+                     "loses range), but gpus_per_worker is 0; fix: --precision bf16-mixed on CPUs, or --gpus-per-worker")
         if not (isinstance(self.max_failures, int) and self.max_failures >= 0):
             p.append(f"max_failures must be an integer >= 0 (-1 would retry forever), got {self.max_failures!r}")
         if self.max_concurrent is not None and not (isinstance(self.max_concurrent, int) and self.max_concurrent >= 1):
