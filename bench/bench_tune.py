@@ -14,13 +14,18 @@ clock, and CPU seconds of the bench's one-thread process, which other work on
 a shared machine does not inflate) that TPE + ASHA needs to match random
 search's best objective. Random
 search runs ``--trials`` full trials; each TPE + ASHA search runs until it
-matches that best or has used as many wall seconds. To be affordable on 2 cores it
+matches that best or has used ``--budget-fraction`` of its CPU seconds.
+``--report-trials`` also compares with the best of random search's first N
+trials (its draws do not depend on N, so one run answers several sizes). To be affordable on 2 cores it
 trains in this process with Optuna's own ASHA (``SuccessiveHalvingPruner``,
 same grace period (``--grace``) and reduction factor as the study's ``ASHAScheduler``)
 instead of one Ray Train run per trial; stopped trials are told PRUNED, as
-``tuning.study.tune.StudySearch`` does. Two TPE + ASHA variants: cold (the
-study's default) and warm-started (``--warm-start``) from the random search
-of another seed, as a study of the same space run earlier. Searches of one
+``tuning.study.tune.StudySearch`` does. ``--variants`` names the TPE + ASHA
+searches (:class:`Variant`): the study's sampler (``tuning.study.tune.make_sampler``)
+or univariate / multivariate TPE, ASHA's first rung, TPE's start-up trials,
+cold or warm-started (``--warm-start``) from the random search of another
+seed, as a study of the same space run earlier. The run ends with the CPU
+seconds per epoch by configuration (what a trial's size costs). Searches of one
 seed run one after the other, random and TPE interleaved, so machine load
 hits both alike. Caveats: a small dataset and few epochs make the objective
 noisy, so differences between seeds are large.
@@ -30,12 +35,15 @@ Commands::
     python bench/bench_tune.py overhead --recordings 2000 --epochs 3 --trials 2
     python bench/bench_tune.py overhead --default-study --data-dir /tmp/fresh   # the default study, timed
     python bench/bench_tune.py search --recordings 600 --epochs 4 --trials 8 --seeds 0 1 2
+    python bench/bench_tune.py search --trials 16 --report-trials 8 16 --seeds 0 1 2 3 4 \\
+        --variants study/g1 mv/g2 --budget-fraction 0.4
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import math
+import os
 import statistics
 import sys
 import time
@@ -60,7 +68,7 @@ from tuning.run import main as run_main
 from tuning.settings import DataSettings, resolve
 from tuning.study.spaces import load_space, to_optuna
 from tuning.study.trial import OBJECTIVES, TrialSpec
-from tuning.study.tune import StudyConfig, warm_start_trials
+from tuning.study.tune import StudyConfig, make_sampler, warm_start_trials
 
 DEFAULT_TRAIN_ROWS = round(StudyConfig(name="x").dataset_recordings * 0.8)
 DEFAULT_EPOCHS = StudyConfig(name="x").max_epochs
@@ -190,7 +198,7 @@ class _ReportAndStop(pl.Callback):
 
 @dataclass
 class SearchRun:
-    """One search: per trial, epochs trained, seconds and last value."""
+    """One search: per trial, epochs trained, seconds, last value and the parameters that set its epoch cost."""
 
     method: str
     seed: int
@@ -198,10 +206,15 @@ class SearchRun:
     seconds: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
     values: list[float] = field(default_factory=list)
+    params: list[dict[str, Any]] = field(default_factory=list)
     pruned: int = 0
 
-    def best(self) -> float:
-        return min(self.values)
+    def best(self, trials: int | None = None) -> float:
+        return min(self.values[:trials])
+
+    def cost(self, trials: int | None = None) -> tuple[int, float, float]:
+        """(epochs, wall seconds, CPU seconds) of the first ``trials`` trials (all by default)."""
+        return sum(self.epochs[:trials]), sum(self.seconds[:trials]), sum(self.cpu[:trials])
 
     def cost_to_reach(self, target: float) -> tuple[int, float, float] | None:
         """Cumulative (epochs, wall seconds, CPU seconds) when the best value first reaches ``target``."""
@@ -211,6 +224,42 @@ class SearchRun:
             if best <= target:
                 return epochs, seconds, cpu
         return None
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A TPE + ASHA search to compare with random search: its sampler options, ASHA's first rung, warm start.
+
+    Written ``SAMPLER[+warm][/gGRACE][/sSTARTUP]``: SAMPLER is ``study`` (the study's own sampler,
+    :func:`tuning.study.tune.make_sampler`), ``uni`` (univariate TPE) or ``mv`` (multivariate TPE
+    with grouped conditional parameters); ``+warm`` warm-starts from another seed's random search;
+    ``g`` and ``s`` default to ``--grace`` and ``--startup``.
+    """
+
+    text: str
+    sampler: str
+    warm: bool
+    grace: int
+    startup: int
+
+    SAMPLERS = {"study": {}, "uni": {"multivariate": False}, "mv": {"multivariate": True, "group": True}}
+
+    @classmethod
+    def parse(cls, text: str, grace: int, startup: int) -> Variant:
+        head, *opts = text.split("/")
+        sampler, warm = head.removesuffix("+warm"), head.endswith("+warm")
+        if sampler not in cls.SAMPLERS:
+            raise argparse.ArgumentTypeError(f"variant {text!r}: sampler must be one of {sorted(cls.SAMPLERS)}")
+        for opt in opts:
+            if opt[:1] not in ("g", "s") or not opt[1:].isdigit() or int(opt[1:]) < 1:
+                raise argparse.ArgumentTypeError(f"variant {text!r}: options are gN (grace) and sN (startup), N >= 1")
+            grace, startup = (int(opt[1:]), startup) if opt[0] == "g" else (grace, int(opt[1:]))
+        return cls(text, sampler, warm, grace, startup)
+
+
+#: Parameters that set a trial's epoch cost (model size, batch size), reported by configuration.
+COST_PARAMS = ("model.stage_depths", "model.width", "model.kernel_size", "model.stem", "model.pooling",
+               "model.norm", "optimizer.batch_size")
 
 
 def _train_one(trial: optuna.Trial, space: Any, cache: FeatureCache, data: dict, args: argparse.Namespace,
@@ -244,77 +293,124 @@ def _train_one(trial: optuna.Trial, space: Any, cache: FeatureCache, data: dict,
 _STORAGE = optuna.storages.InMemoryStorage()
 
 
-def _search(method: str, seed: int, space: Any, cache: FeatureCache, data: dict, args: argparse.Namespace,
-            target: float | None = None, seconds: float | None = None, warm_from: str | None = None) -> SearchRun:
-    """Random search: ``args.trials`` full trials. TPE + ASHA: until ``target`` is reached or ``seconds`` used."""
-    if method == "random":
-        sampler, pruner = optuna.samplers.RandomSampler(seed=seed), optuna.pruners.NopPruner()
+def _search(seed: int, space: Any, cache: FeatureCache, data: dict, args: argparse.Namespace,
+            variant: Variant | None = None, target: float | None = None, cpu_budget: float | None = None,
+            warm_from: str | None = None) -> SearchRun:
+    """Random search (``variant`` None): ``args.trials`` full trials. TPE + ASHA: until ``target`` is
+    reached or ``cpu_budget`` CPU seconds are used."""
+    if variant is None:
+        method, sampler, pruner = "random", optuna.samplers.RandomSampler(seed=seed), optuna.pruners.NopPruner()
     else:
         # Another seed: TPE's startup trials would otherwise replay the random search's first draws.
-        sampler = optuna.samplers.TPESampler(seed=seed + 10_000, n_startup_trials=args.startup)
-        pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=args.grace, reduction_factor=3)
+        method = variant.text
+        sampler = make_sampler(seed + 10_000, variant.startup, **Variant.SAMPLERS[variant.sampler])
+        pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=variant.grace, reduction_factor=3)
     study = optuna.create_study(study_name=f"{method}-{seed}", storage=_STORAGE, sampler=sampler, pruner=pruner)
     if warm_from is not None:
         warm_start_trials(study, warm_from, to_optuna(space))
     run = SearchRun(method, seed)
-    while len(run.values) < args.trials if method == "random" else (
-            sum(run.seconds) < seconds and (not run.values or run.best() > target)):
+    while len(run.values) < args.trials if variant is None else (
+            sum(run.cpu) < cpu_budget and (not run.values or run.best() > target)):
         trial = study.ask()
-        epochs, secs, cpu, value, pruned = _train_one(trial, space, cache, data, args, prune=method != "random")
+        epochs, secs, cpu, value, pruned = _train_one(trial, space, cache, data, args, prune=variant is not None)
         if pruned:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)  # value: its last intermediate value
         else:
             study.tell(trial, value)
         run.epochs.append(epochs), run.seconds.append(secs), run.cpu.append(cpu), run.values.append(value)
+        run.params.append({k: trial.params[k] for k in COST_PARAMS if k in trial.params})
         run.pruned += pruned
         print(f"  {method:14s} seed {seed} trial {trial.number:2d}: {epochs} epoch(s){' pruned' if pruned else ''}, "
-              f"nll {value:.3f}, {secs:5.1f} s, {sum(run.seconds):6.0f} s in all", flush=True)
+              f"nll {value:.3f}, {secs:5.1f} s, cpu {cpu:5.1f} s ({cpu / epochs:4.2f}/epoch), "
+              f"{sum(run.cpu):6.0f} cpu s in all", flush=True)
     return run
 
 
+def _cost_by_configuration(runs: list[SearchRun]) -> None:
+    """Median CPU seconds per epoch by the value of each parameter that sets a trial's size."""
+    per_epoch = [(p, c / e) for run in runs for p, c, e in zip(run.params, run.cpu, run.epochs)]
+    costs = sorted(c for _, c in per_epoch)
+    print(f"\nCPU s per epoch over {len(costs)} trials: median {statistics.median(costs):.2f}, "
+          f"10th-90th percentile {costs[len(costs) // 10]:.2f}-{costs[(9 * len(costs)) // 10]:.2f}, "
+          f"max / min {costs[-1] / costs[0]:.1f}")
+    for name in COST_PARAMS:
+        groups: dict[str, list[float]] = {}
+        for params, c in per_epoch:
+            if name in params:
+                groups.setdefault(str(params[name]), []).append(c)
+        print(f"  {name:20s} " + ", ".join(f"{v}: {statistics.median(cs):.2f} (n={len(cs)})"
+                                           for v, cs in sorted(groups.items())))
+    by_method: dict[str, list[float]] = {}
+    for run in runs:
+        by_method.setdefault(run.method, []).append(sum(run.cpu) / sum(run.epochs))
+    # Above random's: the search spends its epochs on the slower configurations.
+    print("  CPU s per epoch of a search, median over seeds: " + ", ".join(
+        f"{m} {statistics.median(v):.2f}" for m, v in by_method.items()))
+
+
 def search(args: argparse.Namespace) -> None:
-    """TPE + ASHA, cold and warm-started, against random search in seconds, for each seed."""
+    """TPE + ASHA variants against random search in CPU seconds, for each seed and random-search size."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)  # per-trial device banners
     torch.set_num_threads(1)  # as a Train worker with one CPU
+    variants = [Variant.parse(v, args.grace, args.startup) for v in args.variants]
+    sizes = sorted(set(args.report_trials or [args.trials]))
+    if sizes[-1] > args.trials:
+        sys.exit(f"error: --report-trials {sizes[-1]} exceeds --trials {args.trials}")
     cache, data = _ensure_data(args)
     space = load_space(args.space)
     seeds = list(args.seeds)
     randoms: dict[int, SearchRun] = {}
-    lines = []
+    runs: list[tuple[int, Variant, SearchRun]] = []
+    load = [os.getloadavg()[0]]
 
     def random(seed: int) -> None:
         if seed not in randoms:
-            randoms[seed] = _search("random", seed, space, cache, data, args)
+            randoms[seed] = _search(seed, space, cache, data, args)
 
     for i, seed in enumerate(seeds):
         source = seeds[(i + 1) % len(seeds)]  # an earlier study of the same space: another seed's random search
-        random(seed), random(source)
+        random(seed)
+        if any(v.warm for v in variants):
+            random(source)
         rnd = randoms[seed]
-        budget = sum(rnd.seconds)
-        for method, warm in (("tpe+asha", None), ("tpe+asha warm", f"random-{source}")):
-            run = _search(method, seed, space, cache, data, args, target=rnd.best(), seconds=budget, warm_from=warm)
-            lines.append((seed, method, warm, rnd, run, run.cost_to_reach(rnd.best())))
+        # Every size's target is the best of random search's first N trials (its draws do not depend on
+        # N), so one TPE search, run to the largest size's target, answers them all.
+        for variant in variants:
+            run = _search(seed, space, cache, data, args, variant, target=rnd.best(), cpu_budget=args.budget_fraction
+                          * rnd.cost()[2], warm_from=f"random-{source}" if variant.warm else None)
+            runs.append((seed, variant, run))
+        load.append(os.getloadavg()[0])
     print(f"\n(b) TPE+ASHA vs random search, in seconds  [python bench/bench_tune.py search {' '.join(sys.argv[2:])}]")
-    print(f"random: {args.trials} trials x {args.epochs} epochs; TPE+ASHA: until it matches random's best or has used "
-          f"random's seconds; {args.recordings} recordings, objective val/nll_km")
-    print(f"{'seed':>4} {'method':>14} {'warm from':>9} {'random best':>11} {'random s':>8} {'random cpu s':>12} "
-          f"{'best':>7} {'trials':>6} {'pruned':>6} {'s to match':>10} {'of random s':>11} {'of cpu s':>8} "
-          f"{'of epochs':>9}")
-    for seed, method, warm, rnd, run, cost in lines:
-        e, w, c = cost or (None, None, None)
-        print(f"{seed:4d} {method:>14} {warm or '-':>9} {rnd.best():11.3f} {sum(rnd.seconds):8.0f} {sum(rnd.cpu):12.0f} "
-              f"{run.best():7.3f} {len(run.values):6d} {run.pruned:6d} "
-              + (f"{w:10.0f} {w / sum(rnd.seconds):11.2f} {c / sum(rnd.cpu):8.2f} {e / sum(rnd.epochs):9.2f}"
-                 if cost else f"{'-':>10} {'not reached':>11} {'-':>8} {'-':>9}"))
-    for method in ("tpe+asha", "tpe+asha warm"):
-        costs = [(cost, rnd) for _, m, _, rnd, _, cost in lines if m == method]
-        wall = [c[1] / sum(r.seconds) if c else math.inf for c, r in costs]
-        cpu = [c[2] / sum(r.cpu) if c else math.inf for c, r in costs]
-        print(f"{method}: matched random's best in {sum(map(math.isfinite, wall))}/{len(wall)} seeds; median fraction "
-              f"of random's wall seconds {statistics.median(wall):.2f}, of its CPU seconds {statistics.median(cpu):.2f} "
-              f"(not reached counts as infinite)")
+    print(f"{args.recordings} recordings, objective val/nll_km, {args.epochs} epochs per full trial; TPE+ASHA runs "
+          f"until it matches random's best of {args.trials} or has used {args.budget_fraction:g} of its CPU seconds; "
+          f"1-minute load average {min(load):.1f}-{max(load):.1f} (median {statistics.median(load):.1f})")
+    for size in sizes:
+        print(f"\nrandom search of {size} trials x {args.epochs} epochs")
+        print(f"{'seed':>4} {'method':>16} {'random best':>11} {'random s':>8} {'random cpu s':>12} {'best':>7} "
+              f"{'trials':>6} {'pruned':>6} {'cpu s to match':>14} {'of random s':>11} {'of cpu s':>8} "
+              f"{'of epochs':>9}")
+        fractions: dict[str, list[float]] = {}
+        for seed, variant, run in runs:
+            rnd = randoms[seed]
+            target, (r_epochs, r_wall, r_cpu) = rnd.best(size), rnd.cost(size)
+            cost = run.cost_to_reach(target)
+            limit = min(1.0, args.budget_fraction * rnd.cost()[2] / r_cpu)  # of this size's CPU seconds
+            reached = cost is not None and cost[2] / r_cpu <= limit
+            fractions.setdefault(variant.text, []).append(cost[2] / r_cpu if reached else math.inf)
+            shown = cost if reached else None
+            # The search's own trials and best up to the point where it matched (or all of it).
+            n = len(run.values) if not reached else next(i + 1 for i, v in enumerate(run.values) if v <= target)
+            print(f"{seed:4d} {variant.text:>16} {target:11.3f} {r_wall:8.0f} {r_cpu:12.0f} {run.best(n):7.3f} "
+                  f"{n:6d} {sum(1 for i in range(n) if run.epochs[i] < args.epochs):6d} "
+                  + (f"{shown[2]:14.0f} {shown[1] / r_wall:11.2f} {shown[2] / r_cpu:8.2f} {shown[0] / r_epochs:9.2f}"
+                     if shown else f"{'-':>14} {'not reached' if limit >= 1 else f'> {limit:.2f}':>11} "
+                                   f"{'-':>8} {'-':>9}"))
+        for name, fr in fractions.items():
+            print(f"{name}: matched random's best of {size} in {sum(map(math.isfinite, fr))}/{len(fr)} seeds; "
+                  f"median fraction of its CPU seconds {statistics.median(fr):.2f} (not reached counts as infinite)")
+    _cost_by_configuration([*randoms.values(), *(r for _, _, r in runs)])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,10 +427,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--recordings", type=int, default=600)
     b.add_argument("--epochs", type=int, default=4)
     b.add_argument("--trials", type=int, default=8, help="random-search trials (x --epochs each)")
-    b.add_argument("--startup", type=int, default=3, help="TPE's random startup trials")
+    b.add_argument("--startup", type=int, default=StudyConfig(name="x").tpe_startup_trials,
+                   help="TPE's random startup trials (the study's) [%(default)s]")
     b.add_argument("--grace", type=int, default=StudyConfig(name="x").grace_period,
                    help="epochs before ASHA may stop a trial (the study's --grace-period) [%(default)s]")
     b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    b.add_argument("--variants", nargs="+", default=["study", "study+warm"],
+                   help="TPE+ASHA searches, SAMPLER[+warm][/gGRACE][/sSTARTUP] (see Variant) [%(default)s]")
+    b.add_argument("--report-trials", type=int, nargs="+",
+                   help="also compare with the best of random search's first N trials (default: --trials)")
+    b.add_argument("--budget-fraction", type=float, default=1.0,
+                   help="stop a TPE+ASHA search after this fraction of random search's CPU seconds [%(default)s]")
     for p in (a, b):
         p.add_argument("--space", default="resnet")
         p.add_argument("--data-dir", type=Path, default=Path(".heimdall-bench").resolve())

@@ -78,6 +78,7 @@ __all__ = [
     "plan_resources",
     "NumberedSpace",
     "StudySearch",
+    "make_sampler",
     "make_searcher",
     "WARM_START_ATTR",
     "warm_start_trials",
@@ -730,15 +731,23 @@ class StudySearch(OptunaSearch):
             self._finished_in_optuna(trial_id)
 
 
+def make_sampler(seed: int | None, startup_trials: int, **options: Any) -> optuna.samplers.TPESampler:
+    """The study's TPE sampler: the one home of its settings, which bench/bench_tune.py measures.
+
+    ``options`` override TPESampler arguments (the bench's variants); the study passes none.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials, **options)
+
+
 def make_searcher(config: StudyConfig, space: SearchSpace, storage: optuna.storages.BaseStorage) -> StudySearch:
     """A :class:`StudySearch` with a seeded TPE sampler, keeping the study in ``storage``.
 
     Creating it creates (or loads) the Optuna study, so a storage problem shows here.
     """
     objectives = config.objectives
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=config.tpe_startup_trials)
+    sampler = make_sampler(config.seed, config.tpe_startup_trials)
     # Two objectives: lists make a multi-objective Optuna study, whose TPE samples towards the Pareto
     # front; Tune's metric, hence ASHA's and the checkpoints', stays the first objective (build_tuner).
     metric: str | list[str] = [o.metric for o in objectives] if len(objectives) > 1 else objectives[0].metric
