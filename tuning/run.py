@@ -95,7 +95,7 @@ from tuning.study.tune import (
     mark_interrupted,
     open_optuna_storage,
     open_run_storage,
-    plan_resources,
+    plan_study,
     prune_stopped,
     reconcile_optuna,
     restore_tuner,
@@ -266,7 +266,8 @@ def describe_plan(config: StudyConfig, space: SearchSpace, where: RunSettings, i
          f"ASHA; export: best {o.metric} on the front, {bound}"),
         ("trials", f"{config.trials} x up to {config.max_epochs} epochs; ASHA grace {config.grace_period} epoch(s), "
                    f"reduction {config.reduction_factor}; time budget {budget}; seed {config.seed}"),
-        ("workers", f"{config.workers_per_trial} per trial x {config.cpus_per_worker:g} CPU; {plan.describe()}"),
+        ("workers", f"{config.workers_per_trial} per trial x {config.cpus_per_worker:g} CPU"
+                    + (f" + {config.gpus_per_worker:g} GPU" if config.gpus_per_worker else "") + f"; {plan.describe()}"),
         ("catalogue", describe_url(where.data.catalog_url)),
         ("store", describe_url(where.data.store_url)),
         ("optuna", describe_url(where.places.optuna_url)),
@@ -351,6 +352,53 @@ def ensure_dataset(conn: Connections, config: StudyConfig) -> DatasetInfo:
         return generate_dataset(conn.catalog, conn.store, config.dataset, n_recordings=n, seed=seed,
                                 progress=bar.update, **kwargs)
 
+def local_resources() -> dict[str, float]:
+    """The CPUs and GPUs a local Ray started by :func:`start_ray` would have, counted the way Ray
+    counts them (cgroup-aware CPUs; GPUs from the driver library, capped by ``CUDA_VISIBLE_DEVICES``),
+    without starting it or touching CUDA."""
+    from ray._private import accelerators
+    from ray._private.utils import get_num_cpus
+
+    gpus = 0
+    manager = accelerators.get_accelerator_manager_for_resource("GPU")
+    if manager is not None:
+        gpus = manager.get_current_node_num_accelerators()
+        visible = manager.get_current_process_visible_accelerator_ids()
+        if visible is not None:
+            gpus = min(gpus, len(visible))
+    return {"CPU": float(get_num_cpus()), "GPU": float(gpus)}
+
+
+#: How long a dry run waits for a Ray cluster's port to answer.
+RAY_PROBE_TIMEOUT_S = 5.0
+
+
+def cluster_resources(address: str) -> dict[str, float]:
+    """``ray.cluster_resources()`` of the cluster at ``address``: connect, read, disconnect (starts nothing).
+
+    Raises:
+        ServiceUnavailableError: nothing answers there, or Ray refuses the connection.
+    """
+    fix = ("fix: check --ray-address / RAY_ADDRESS (and RAY_AUTH_TOKEN for a cluster with token authentication), "
+           "or drop it to plan for a local Ray")
+    if ray.is_initialized():  # a caller's own session (tests, notebooks): read it, leave it up
+        return dict(ray.cluster_resources())
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if host and port.isdigit():  # fail in seconds: ray.init retries an absent GCS for minutes
+        try:
+            socket.create_connection((host, int(port)), timeout=RAY_PROBE_TIMEOUT_S).close()
+        except OSError as exc:
+            raise ServiceUnavailableError(f"no Ray cluster answers at {address} ({exc}); {fix}") from None
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        try:
+            return dict(ray.cluster_resources())
+        finally:
+            ray.shutdown()
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ServiceUnavailableError(f"cannot join the Ray cluster at {address}: {str(exc)[:300]}; {fix}") from None
+
+
 
 def baselines(conn: Connections, info: DatasetInfo, split: SplitConfig) -> dict[str, dict[str, float]]:
     """Centre and Bayes-oracle reports on the validation split (synthetic datasets only)."""
@@ -379,8 +427,7 @@ def run_study(config: StudyConfig, space: SearchSpace, where: RunSettings, conn:
     started_ray = start_ray(where.places.ray_address, verbose)
     try:
         # The one plan, from the cluster that runs the study (Ray is up now).
-        plan = plan_resources(ray.cluster_resources().get("CPU", 1.0), config.workers_per_trial,
-                              config.cpus_per_worker, config.trials, config.max_concurrent)
+        plan = plan_study(config, ray.cluster_resources())
         print("Heimdall Tune: plan\n" + describe_plan(config, space, where, conn.dataset, plan, resume=resume,
                                                      registry=conn.registry))
         info = ensure_dataset(conn, config)
@@ -714,13 +761,19 @@ def dry_run(config: StudyConfig, space: SearchSpace, where: RunSettings, *, resu
         registry = where.registry
         check.probe("models store", lambda: pf.store_root(open_store(registry.models_store)))
         check.probe("mlflow", lambda: pf.mlflow_tracking(registry.mlflow_uri))
-    cpus = os.cpu_count() or 1
-    check.findings.append(pf.Finding("ray", "unchecked", f"Ray is not started by a dry run, so the plan assumes this "
-                                     f"machine's {cpus} CPUs" + (f", not the cluster at {where.places.ray_address}"
-                                                                 if where.places.ray_address else "")))
+    resources: dict[str, float] = {}
+
+    def cluster() -> tuple[str, str]:
+        address = where.places.ray_address
+        resources.update(cluster_resources(address) if address else local_resources())
+        found = f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs"
+        if address:
+            return "ok", f"the plan is for the cluster at {address}: {found} now (read, then disconnected)"
+        return "unchecked", f"Ray is not started by a dry run; the plan is for the local Ray a run starts: {found}"
+
+    check.probe("ray", cluster)
     check.raise_problems()
-    plan = plan_resources(float(cpus), config.workers_per_trial, config.cpus_per_worker, config.trials,
-                          config.max_concurrent)
+    plan = plan_study(config, resources)
     print("Heimdall Tune: plan\n" + describe_plan(config, space, where, dataset[0], plan, resume=resume,
                                                             registry=registry if export else None))
     print("\n" + "\n".join(f"  {f.what:14s} {f.state:9s} {f.detail}" for f in check.findings))

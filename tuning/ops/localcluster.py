@@ -163,7 +163,7 @@ class LocalCluster:
 
     @classmethod
     def start(cls, root: Path, *, workers: int = 1, head_cpus: int = 2, worker_cpus: int = 2,
-              env: Mapping[str, str] | None = None) -> LocalCluster:
+              env: Mapping[str, str] | None = None, head_gpus: int = 0, worker_gpus: int = 0) -> LocalCluster:
         """Start the head and ``workers`` worker nodes and wait until all have joined.
 
         Args:
@@ -172,6 +172,8 @@ class LocalCluster:
             workers: worker nodes.
             head_cpus, worker_cpus: logical CPUs of the head and of each worker node.
             env: the nodes' environment (default: this process's).
+            head_gpus, worker_gpus: GPUs each declares (``ray start --num-gpus``): Ray schedules them
+                whether or not the machine has any, which is how the GPU plan is tested on CPUs.
 
         Raises:
             ConfigError: ``ray`` is not on PATH or a count is invalid.
@@ -180,9 +182,9 @@ class LocalCluster:
         if shutil.which("ray") is None:
             raise ConfigError("local cluster", ["the `ray` command is not on PATH; fix: pip install -e . "
                                                 "(ray[default]) in this environment"])
-        if workers < 0 or head_cpus < 0 or worker_cpus < 1:
-            raise ConfigError("local cluster", [f"need workers >= 0, head_cpus >= 0, worker_cpus >= 1; got "
-                                                f"{workers}, {head_cpus}, {worker_cpus}"])
+        if workers < 0 or head_cpus < 0 or worker_cpus < 1 or head_gpus < 0 or worker_gpus < 0:
+            raise ConfigError("local cluster", [f"need workers >= 0, head_cpus >= 0, worker_cpus >= 1, GPUs >= 0; got "
+                                                f"{workers}, {head_cpus}, {worker_cpus}, {head_gpus}, {worker_gpus}"])
         root = Path(root).resolve()
         root.mkdir(parents=True, exist_ok=True)
         gcs, dash = free_ports(2)
@@ -193,21 +195,21 @@ class LocalCluster:
         base.pop("RAY_ADDRESS", None)
         cluster = cls(root, gcs, dash, token, base)
         try:
-            cluster._start_head(head_cpus)
+            cluster._start_head(head_cpus, head_gpus)
             for _ in range(workers):
-                cluster.add_worker(worker_cpus)
+                cluster.add_worker(worker_cpus, worker_gpus)
         except BaseException:
             cluster.stop()
             raise
         cluster._write_env()
         return cluster
 
-    def _start_head(self, cpus: int, attempts: int = 2) -> None:
+    def _start_head(self, cpus: int, gpus: int = 0, attempts: int = 2) -> None:
         """Start the head; once more on fresh ports if it dies while starting (its GCS can miss
         ``ray start``'s deadline on a loaded machine)."""
         for attempt in range(1, attempts + 1):
             self.head = self._start_node("head", HEAD_RESOURCE, cpus, [
-                "--head", f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
+                f"--num-gpus={gpus}", "--head", f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
                 "--dashboard-host=127.0.0.1", f"--ray-client-server-port={free_ports(1)[0]}"])
             try:
                 self._wait_nodes(1)
@@ -218,11 +220,11 @@ class LocalCluster:
                     raise
                 self.gcs_port, self.dashboard_port = free_ports(2)
 
-    def add_worker(self, cpus: int = 2) -> RayNode:
-        """Start one more worker node and wait until it has joined."""
+    def add_worker(self, cpus: int = 2, gpus: int = 0) -> RayNode:
+        """Start one more worker node (``gpus`` declared GPUs) and wait until it has joined."""
         index = len(self.workers) + 1
-        node = self._start_node(f"worker-{index}", worker_resource(index), cpus, [f"--address={self.address}"],
-                                temp_dir=f"ray-w{index}")
+        node = self._start_node(f"worker-{index}", worker_resource(index), cpus,
+                                [f"--num-gpus={gpus}", f"--address={self.address}"], temp_dir=f"ray-w{index}")
         self.workers.append(node)
         self._wait_nodes(1 + sum(w.alive() for w in self.workers))
         return node
@@ -319,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="worker nodes [1]")
     p.add_argument("--head-cpus", type=int, default=2, help="logical CPUs of the head [2]")
     p.add_argument("--cpus", type=int, default=2, help="logical CPUs of each worker node [2]")
+    p.add_argument("--head-gpus", type=int, default=0, help="GPUs the head declares (scheduled even without "
+                   "a GPU: for trying the GPU plan) [0]")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs each worker node declares [0]")
     return p
 
 
@@ -346,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError("local cluster", [f"a cluster already runs from {root}; fix: "
                                                     f"python -m tuning.localcluster down --dir {args.dir}"])
             # A short private path for Ray's sockets; the logs and env.sh stay in --dir.
-            cluster = LocalCluster.start(root, workers=args.workers, head_cpus=args.head_cpus, worker_cpus=args.cpus)
+            cluster = LocalCluster.start(root, workers=args.workers, head_cpus=args.head_cpus, worker_cpus=args.cpus,
+                                         head_gpus=args.head_gpus, worker_gpus=args.gpus)
             print(f"cluster:   head + {len(cluster.workers)} worker node(s) at {cluster.address}")
             print(f"dashboard: {cluster.dashboard_url} (token in {root / 'env.sh'})")
             print(f"use it:    source {root / 'env.sh'}")

@@ -9,7 +9,8 @@ only overrides). From it and the connections the driver builds, in order:
 * :func:`open_run_storage`: where Tune's experiment state and Train's
   checkpoints go, a local directory or ``s3://bucket/prefix``.
 * :func:`plan_resources`: how many trials run at once, sized from the cluster's
-  CPUs with CPUs left over for Ray Data, so data tasks never starve.
+  CPUs and GPUs with CPUs left over for Ray Data, so data tasks never starve;
+  :class:`ClusterLimiter` replans as nodes join or leave during the study.
 * :func:`build_tuner` (or :func:`restore_tuner` for ``--resume``).
 
 Trials are :func:`tuning.study.trial.run_trial`; their Tune config is the flat
@@ -38,9 +39,11 @@ from urllib.parse import parse_qsl, urlsplit
 
 import optuna
 import pyarrow.fs
+import ray
 import ray.cloudpickle
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from heimdall.catalog import redact_url
@@ -76,6 +79,8 @@ __all__ = [
     "check_new_study",
     "check_resumable",
     "plan_resources",
+    "plan_study",
+    "ClusterLimiter",
     "NumberedSpace",
     "StudySearch",
     "make_sampler",
@@ -154,8 +159,9 @@ class StudyConfig:
         reduction_factor: ASHA keeps the best 1/reduction_factor at each rung.
         max_failures: Train worker-group restarts per trial (finite).
         tpe_startup_trials: random trials before TPE models the results.
-        max_concurrent: at most this many trials at once (None: as many as the cluster's CPUs
-            fit, see :func:`plan_resources`); on a cluster, size it for one node fewer.
+        max_concurrent: at most this many trials at once (None: as many as the cluster's CPUs and
+            GPUs fit, see :func:`plan_resources`); the limit follows the cluster as nodes join or
+            leave (:class:`ClusterLimiter`), this stays its upper bound.
         pin_long_warmups: pin the space's warm-ups that reach ``max_epochs`` to 0 instead of
             refusing the space (``--smoke-test`` only: a real study should fix its space).
         warm_start: name of a finished study of the same space and objective, in the same
@@ -201,8 +207,8 @@ class StudyConfig:
     tpe_startup_trials: int = 3
     pin_long_warmups: bool = False
     max_concurrent: int | None = field(default=None, metadata=setting(
-        "at most this many trials at once [as many as the cluster's CPUs fit]; on a cluster, "
-        "size it so that one node fewer still fits them", type=positive_int))
+        "at most this many trials at once [as many as the cluster's CPUs and GPUs fit, rechecked as nodes "
+        "join or leave]", type=positive_int))
     warm_start: str | None = field(default=None, metadata=setting(
         "name of an earlier study of the same space and objective, in the same Optuna storage, whose finished "
         "trials TPE starts from (they are not trained again) [none]"))
@@ -537,65 +543,98 @@ def check_resumable(runs: RunStorage, name: str) -> None:
 
 @dataclass(frozen=True)
 class ResourcePlan:
-    """How a study uses the cluster's CPUs.
+    """How a study uses the cluster's CPUs and GPUs.
 
     A trial reserves a sliver of CPU for its trial function (Tune's placement
     group; the TorchTrainer's controller, 0 CPU, lands there too) and its Train
-    workers' CPUs (Train's own placement group, :attr:`worker_cpus`). Its Ray
-    Data read tasks run outside both: Train's dataset manager is pinned to a
-    node by affinity and Ray Data schedules its tasks with SPREAD, so a CPU
-    bundle reserved for them would never be used, and reads that find every
-    CPU reserved wait forever (seen after a node loss). So :attr:`data_cpus`
-    per trial is left *unreserved*: :func:`plan_resources` counts it when it
-    sizes ``max_concurrent_trials``, and it stays free for the reads.
+    workers' CPUs and GPUs (Train's own placement group, :attr:`worker_cpus`,
+    :attr:`worker_gpus`). Its Ray Data read tasks run outside both: Train's
+    dataset manager is pinned to a node by affinity and Ray Data schedules its
+    tasks with SPREAD, so a CPU bundle reserved for them would never be used,
+    and reads that find every CPU reserved wait forever (seen after a node
+    loss). So :attr:`data_cpus` per trial is left *unreserved*:
+    :func:`plan_resources` counts it when it sizes the trials run at once, and
+    it stays free for the reads.
+
+    Ray packs fractional GPUs per device: workers of 0.25 GPU put four on one
+    GPU, workers of 0.3 only three (a worker never spans two GPUs).
 
     Attributes:
         cluster_cpus: CPUs in the cluster.
         worker_cpus: CPUs of one trial's Train workers.
         data_cpus: CPUs one trial's Ray Data reads need, left unreserved.
         max_concurrent: trials running at once.
+        cluster_gpus: GPUs in the cluster.
+        worker_gpus: GPUs of one trial's Train workers (0: the trial trains on CPUs).
+        gpus_per_worker: GPUs (or the fraction of one) each Train worker reserves.
+        bound_by: what limits :attr:`max_concurrent`: ``CPUs``, ``GPUs``, ``--max-concurrent`` or ``trials``.
     """
 
     cluster_cpus: float
     worker_cpus: float
     data_cpus: float
     max_concurrent: int
+    cluster_gpus: float = 0.0
+    worker_gpus: float = 0.0
+    gpus_per_worker: float = 0.0
+    bound_by: str = "CPUs"
 
     @property
     def trial_cpus(self) -> float:
         """Everything one trial uses: reserved (function, workers) and not (reads)."""
         return TRIAL_FUNCTION_CPUS + self.data_cpus + self.worker_cpus
 
+    @property
+    def workers_per_gpu(self) -> int:
+        """Train workers that share one GPU (0: CPU trials)."""
+        return int(1 / self.gpus_per_worker + 1e-9) if self.gpus_per_worker > 0 else 0
+
     def trial_resources(self) -> tune.PlacementGroupFactory:
         """The trial function's placement group: one sliver (the reads' CPUs stay unreserved)."""
         return tune.PlacementGroupFactory([{"CPU": TRIAL_FUNCTION_CPUS}])
 
     def describe(self) -> str:
-        """One line for the plan."""
-        return (f"{self.max_concurrent} trial(s) at a time on {self.cluster_cpus:g} CPUs (per trial: "
-                f"{self.worker_cpus:g} CPU of Train workers + {self.data_cpus:g} CPU for Ray Data)")
+        """One line for the plan, e.g. ``4 trial(s) at a time on 8 CPUs, 1 GPU(s) (per trial: 1 CPU of Train
+        workers + 0.5 CPU for Ray Data, 0.25 GPU (4 trials share a GPU)); bound by GPUs``."""
+        gpus = f", {self.cluster_gpus:g} GPU(s)" if self.worker_gpus else ""
+        per_trial = f"{self.worker_cpus:g} CPU of Train workers + {self.data_cpus:g} CPU for Ray Data"
+        if self.worker_gpus:
+            workers = round(self.worker_gpus / self.gpus_per_worker)
+            share = f" ({self.workers_per_gpu // workers} trials share a GPU)" if self.workers_per_gpu >= 2 * workers else ""
+            per_trial += f", {self.worker_gpus:g} GPU{share}"
+        return (f"{self.max_concurrent} trial(s) at a time on {self.cluster_cpus:g} CPUs{gpus} (per trial: "
+                f"{per_trial}); bound by {self.bound_by}")
 
 
 def plan_resources(cluster_cpus: float, workers_per_trial: int, cpus_per_worker: float, trials: int,
-                   max_concurrent: int | None = None) -> ResourcePlan:
-    """Size ``max_concurrent_trials`` so every trial's workers and data tasks fit at once.
+                   max_concurrent: int | None = None, *, cluster_gpus: float = 0.0,
+                   gpus_per_worker: float = 0.0) -> ResourcePlan:
+    """Size the trials run at once so every trial's workers (CPUs and GPUs) and data tasks fit at once.
+
+    Concurrency is the least of what the CPUs allow (each trial's workers, reads
+    and trial function), what the GPUs allow (workers packed
+    ``floor(1 / gpus_per_worker)`` to a GPU), ``max_concurrent`` and ``trials``.
 
     Args:
         cluster_cpus: the CPUs of the cluster that runs the study, ``ray.cluster_resources()["CPU"]``
-            once Ray is up (a dry run starts no Ray: it plans for this machine's ``os.cpu_count()``).
+            (:func:`plan_study` reads them from that dict).
         workers_per_trial: Train workers per trial.
         cpus_per_worker: CPUs per worker.
-        max_concurrent: an upper bound set by the user (None: as many as fit).
         trials: the study's trial count (no point running more at once).
+        max_concurrent: an upper bound set by the user (None: as many as fit).
+        cluster_gpus: the cluster's GPUs, ``ray.cluster_resources()["GPU"]``.
+        gpus_per_worker: GPUs per worker in [0, 1] (0: CPU trials).
 
     Returns:
         The plan.
 
     Raises:
-        ConfigError: one trial does not fit in the cluster, with the fix.
+        ConfigError: one trial does not fit in the cluster (CPUs, GPUs or both), with the fix.
     """
     plan = ResourcePlan(cluster_cpus=cluster_cpus, worker_cpus=workers_per_trial * cpus_per_worker,
-                        data_cpus=DATA_CPUS_PER_TRIAL, max_concurrent=1)
+                        data_cpus=DATA_CPUS_PER_TRIAL, max_concurrent=1, cluster_gpus=cluster_gpus,
+                        worker_gpus=workers_per_trial * gpus_per_worker, gpus_per_worker=gpus_per_worker)
+    problems = []
     if plan.trial_cpus > cluster_cpus + 1e-9:
         # The rule, with every term shown: the sum must add up on screen, and the fix must be a valid value.
         overhead = TRIAL_FUNCTION_CPUS + DATA_CPUS_PER_TRIAL
@@ -609,9 +648,35 @@ def plan_resources(cluster_cpus: float, workers_per_trial: int, cpus_per_worker:
             fix = f"--cpus-per-worker {room:g} or less{fewer}, or {bigger}"
         else:
             fix = f"{bigger}: no worker fits beside the {overhead:g} CPU every trial needs"
-        raise ConfigError("resources", [f"{need}; fix: {fix}"])
-    concurrent = max(1, min(trials, int((cluster_cpus + 1e-9) // plan.trial_cpus), max_concurrent or trials))
-    return replace(plan, max_concurrent=concurrent)
+        problems.append(f"{need}; fix: {fix}")
+    by_cpus = int((cluster_cpus + 1e-9) // plan.trial_cpus)
+    by_gpus = None
+    if plan.worker_gpus:
+        # A worker never spans two GPUs: each GPU holds floor(1 / gpus_per_worker) workers.
+        by_gpus = plan.workers_per_gpu * int(cluster_gpus + 1e-9) // workers_per_trial
+        if by_gpus < 1:
+            need = (f"a trial needs --workers-per-trial {workers_per_trial} x --gpus-per-worker {gpus_per_worker:g} "
+                    f"= {plan.worker_gpus:g} GPU(s) ({plan.workers_per_gpu} worker(s) per GPU), more than the "
+                    f"cluster's {cluster_gpus:g} GPU(s)")
+            if cluster_gpus < 1:
+                fix = ("--gpus-per-worker 0 to train on CPUs, or a cluster with GPU nodes (Ray counts a node's GPUs "
+                       "when it starts; on an autoscaling cluster keep at least one GPU node up, docs/cluster.md)")
+            else:
+                most = plan.workers_per_gpu * int(cluster_gpus + 1e-9)
+                fix = f"--workers-per-trial {most} or fewer, a smaller --gpus-per-worker, or a cluster with more GPUs"
+            problems.append(f"{need}; fix: {fix}")
+    if problems:
+        raise ConfigError("resources", problems)
+    limits = [(by_cpus, "CPUs"), (by_gpus, "GPUs"), (max_concurrent, "--max-concurrent"), (trials, "trials")]
+    concurrent, bound = min(((n, why) for n, why in limits if n is not None), key=lambda x: x[0])
+    return replace(plan, max_concurrent=max(1, concurrent), bound_by=bound)
+
+
+def plan_study(config: StudyConfig, resources: Mapping[str, float]) -> ResourcePlan:
+    """:func:`plan_resources` for ``config`` on a cluster of ``resources`` (``ray.cluster_resources()``)."""
+    return plan_resources(float(resources.get("CPU", 0.0)), config.workers_per_trial, config.cpus_per_worker,
+                          config.trials, config.max_concurrent, cluster_gpus=float(resources.get("GPU", 0.0)),
+                          gpus_per_worker=config.gpus_per_worker)
 
 
 # -- the tuner -------------------------------------------------------------------------------
@@ -855,6 +920,79 @@ def make_scheduler(config: StudyConfig) -> ASHAScheduler:
                          stop_last_trials=False)
 
 
+#: How often (s) :class:`ClusterLimiter` reads the cluster's size while Tune asks for trials.
+CLUSTER_CHECK_S = 5.0
+
+
+class ClusterLimiter(ConcurrencyLimiter):
+    """Tune's ``ConcurrencyLimiter`` whose limit follows the cluster's size during the study.
+
+    Tune asks the searcher for a trial whenever it could start one; a ``None``
+    answer means "not now" and it asks again later. Before answering, this
+    wrapper replans (:func:`plan_resources`, at most every
+    :data:`CLUSTER_CHECK_S` seconds) from ``ray.cluster_resources()``: the
+    CPUs and GPUs of the nodes alive now, not what is free (running trials hold
+    that). A node that joins (an autoscaler's, or a ``ray start --address``)
+    raises the limit and the next trials start at once; a node that leaves
+    lowers it: no new trial starts until enough running ones end, and trials
+    that lost their workers with the node wait for room in the rest (Train's
+    worker-group start timeout, :data:`WORKER_GROUP_START_TIMEOUT_S`). Should
+    nothing fit any more (the last GPU node gone), one trial is still let
+    through, so an autoscaler sees its pending workers and adds a node.
+    ``--max-concurrent`` stays an upper bound.
+
+    Its state, with the trials it counts as running, is saved in Tune's search
+    state under ``name:ClusterLimiter`` (:func:`reconcile_for_resume` edits it).
+
+    Args:
+        searcher: the study's :class:`StudySearch`.
+        config: the study (its per-trial resources and bounds; copied as plain numbers).
+        plan: the plan printed at the start (None: none): a change from its cluster is printed.
+        read_cluster: returns the cluster's resources (None: ``ray.cluster_resources()`` while Ray is up).
+        check_s: the least time between two reads.
+    """
+
+    def __init__(self, searcher: OptunaSearch, config: StudyConfig, plan: ResourcePlan | None = None, *,
+                 read_cluster: Callable[[], Mapping[str, float]] | None = None,
+                 check_s: float = CLUSTER_CHECK_S) -> None:
+        # Start at the upper bound: Tune reads the limit once, when the study starts, as its cap on trials
+        # waiting to start; the first suggest() brings it down to what the cluster fits.
+        super().__init__(searcher, max_concurrent=min(config.trials, config.max_concurrent or config.trials))
+        self.demand = {"workers_per_trial": config.workers_per_trial, "cpus_per_worker": config.cpus_per_worker,
+                       "gpus_per_worker": config.gpus_per_worker, "trials": config.trials,
+                       "max_concurrent": config.max_concurrent}
+        self.cluster = {"CPU": plan.cluster_cpus, "GPU": plan.cluster_gpus} if plan else {}
+        self.read_cluster, self.check_s = read_cluster, check_s
+        self.checked_at: float | None = None
+
+    def follow_cluster(self, resources: Mapping[str, float]) -> int:
+        """Set the limit for a cluster of ``resources``; returns it."""
+        d = self.demand
+        try:
+            limit = plan_resources(float(resources.get("CPU", 0.0)), d["workers_per_trial"], d["cpus_per_worker"],
+                                   d["trials"], d["max_concurrent"], cluster_gpus=float(resources.get("GPU", 0.0)),
+                                   gpus_per_worker=d["gpus_per_worker"]).max_concurrent
+        except ConfigError:
+            limit = 1  # nothing fits now: one trial waits for a node (and shows an autoscaler the demand)
+        seen = {k: float(resources.get(k, 0.0)) for k in ("CPU", "GPU")}
+        if self.cluster and (limit != self.max_concurrent or seen != self.cluster):
+            gpus = f", {seen['GPU']:g} GPU(s)" if d["gpus_per_worker"] else ""
+            print(f"cluster:   now {seen['CPU']:g} CPUs{gpus}: up to {limit} trial(s) at a time", flush=True)
+        self.cluster, self.max_concurrent = seen, limit
+        return limit
+
+    def suggest(self, trial_id: str) -> dict | None:
+        """The next trial, or None while the cluster's limit is reached."""
+        now = time.monotonic()
+        if self.checked_at is None or not 0 <= now - self.checked_at < self.check_s:
+            self.checked_at = now  # (a restored state's time is another process's clock: negative is stale)
+            if self.read_cluster is not None:
+                self.follow_cluster(self.read_cluster())
+            elif ray.is_initialized():
+                self.follow_cluster(ray.cluster_resources())
+        return super().suggest(trial_id)
+
+
 def make_trainable(spec: TrialSpec, datasets: Mapping[str, Any], cache: FeatureCache, plan: ResourcePlan) -> Any:
     """The trial function with its study-wide arguments bound and its placement group set."""
     keep_credentials_out_of_runtime_envs()
@@ -877,7 +1015,8 @@ def build_tuner(
         searcher: from :func:`make_searcher`.
         trainable: from :func:`make_trainable`.
         runs: where the experiment and checkpoints go.
-        plan: from :func:`plan_resources`.
+        plan: from :func:`plan_study`, for the cluster at the start; :class:`ClusterLimiter` then
+            follows the cluster as nodes join or leave.
         callbacks: e.g. :class:`StudyProgress`.
 
     Returns:
@@ -887,8 +1026,10 @@ def build_tuner(
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            metric=objective.metric, mode=objective.mode, search_alg=searcher, scheduler=make_scheduler(config),
-            num_samples=config.trials, max_concurrent_trials=plan.max_concurrent, time_budget_s=config.time_budget_s,
+            metric=objective.metric, mode=objective.mode, search_alg=ClusterLimiter(searcher, config, plan),
+            scheduler=make_scheduler(config), num_samples=config.trials,
+            max_concurrent_trials=None,  # the limiter's, which follows the cluster
+            time_budget_s=config.time_budget_s,
             trial_name_creator=trial_name, trial_dirname_creator=trial_name,
             # Not reused: a trial that ASHA stops is still inside TorchTrainer.fit(), so handing its
             # actor to the next trial fails the reset, and Tune then errors that next trial.
@@ -1106,7 +1247,8 @@ def reconcile_for_resume(storage: optuna.storages.BaseStorage, runs: RunStorage,
         search_raw = _read(fs, search_path) if search_path else None
         if search_raw is not None:
             search = ray.cloudpickle.loads(search_raw)
-            limiter = search.get("name:ConcurrencyLimiter")
+            # ClusterLimiter since issue 10; studies started before keep Tune's fixed ConcurrencyLimiter.
+            limiter = search.get("name:ClusterLimiter") or search.get("name:ConcurrencyLimiter")
             if limiter is not None and any(t in limiter["live_trials"] for t in closed_ids):
                 for trial_id in closed_ids:
                     if trial_id in limiter["live_trials"]:
