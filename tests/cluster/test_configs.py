@@ -17,6 +17,7 @@ import copy
 import json
 import re
 import shlex
+import subprocess
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,6 +205,74 @@ def test_every_pip_install_keeps_torch_pinned() -> None:
             assert torch_pin in command.split(), f"{where}: {command!r} must install {torch_pin}"
         else:
             assert "-c constraints.txt" in command, f"{where}: {command!r} must use -c constraints.txt"
+
+
+# -- GPU nodes -------------------------------------------------------------------------------------
+
+
+def _torch_install() -> str:
+    """The launcher's setup command that installs torch."""
+    found = [c for c in _load("ray-cluster.yaml")["setup_commands"] if re.search(r"\btorch==", c)]
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.parametrize("gpu", [True, False], ids=["gpu-box", "cpu-box"])
+def test_ray_cluster_installs_the_cuda_torch_only_on_boxes_with_a_gpu(gpu: bool, tmp_path: Path) -> None:
+    # The shipped command, run by bash on a stand-in box: a HOME whose venv pip records its arguments,
+    # and a PATH with (or without) an nvidia-smi that answers.
+    pip = tmp_path / "heimdall-venv" / "bin" / "pip"
+    pip.parent.mkdir(parents=True)
+    pip.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "pip.args"}\n')
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    if gpu:
+        (tools / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100'\n")
+    for tool in (pip, tools / "nvidia-smi"):
+        if tool.exists():
+            tool.chmod(0o755)
+    done = subprocess.run(["bash", "-c", _torch_install()], capture_output=True, text=True, timeout=30,
+                          env={"HOME": str(tmp_path), "PATH": f"{tools}:/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    args = (tmp_path / "pip.args").read_text().split()
+    assert "torch==2.13.0" in args
+    assert ("--index-url" in args) is not gpu, args  # PyPI's torch is the CUDA build; the CPU build has its index
+
+
+def test_ray_cluster_head_offers_no_gpu_to_trials() -> None:
+    head = " ".join(_load("ray-cluster.yaml")["head_start_ray_commands"])
+    assert "--num-gpus=0" in head
+
+
+def _groups() -> dict[str, dict]:
+    cluster = next(doc for _, doc in _k8s_docs() if doc.get("kind") == "RayCluster")
+    return {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
+
+
+def test_kuberay_gpu_group_asks_for_gpus_on_the_cuda_image() -> None:
+    groups = _groups()
+    assert set(groups) == {"cpu", "gpu"}
+    gpu, cpu = groups["gpu"], groups["cpu"]
+    [worker] = gpu["template"]["spec"]["containers"]
+    limits = worker["resources"]["limits"]
+    # KubeRay turns the limit into `ray start --num-gpus`; the device plugin needs it as an integer limit.
+    assert isinstance(limits.get("nvidia.com/gpu"), int) and limits["nvidia.com/gpu"] >= 1, limits
+    assert "num-gpus" not in gpu["rayStartParams"]  # would override the limit's count
+    assert gpu["minReplicas"] >= 1, "a study plans from the GPUs present at its start: keep one GPU pod"
+    assert any(t.get("key") == "nvidia.com/gpu" for t in gpu["template"]["spec"].get("tolerations", []))
+    [cpu_worker] = cpu["template"]["spec"]["containers"]
+    assert "nvidia.com/gpu" not in cpu_worker["resources"]["limits"]
+    # The CPU image has the CPU torch (the Dockerfile's default); the GPU group names the CUDA build.
+    assert worker["image"] != cpu_worker["image"] and "cuda" in worker["image"], worker["image"]
+    dockerfile = (CLUSTER / "Dockerfile").read_text(encoding="utf-8")
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile
+    assert "--build-arg TORCH_INDEX_URL=https://pypi.org/simple" in (CLUSTER / "kuberay" / "raycluster.yaml").read_text()
+    # A GPU pod fits the trials its GPU packs at --gpus-per-worker 0.25 (1 CPU + 0.5 for reads each).
+    from tuning.study.tune import StudyConfig, plan_study
+
+    pod = {"CPU": float(limits["cpu"]), "GPU": float(limits["nvidia.com/gpu"])}
+    plan = plan_study(StudyConfig(name="k", trials=100, gpus_per_worker=0.25), pod)
+    assert (plan.max_concurrent, plan.bound_by) == (4 * limits["nvidia.com/gpu"], "GPUs"), plan.describe()
 
 
 # -- runtime environment --------------------------------------------------------------------------
