@@ -13,6 +13,7 @@ __all__ = [
     "ServiceUnavailableError",
     "NotFoundError",
     "AlreadyExistsError",
+    "AcceleratorError",
     "collect_problems",
 ]
 
@@ -53,6 +54,10 @@ class NotFoundError(HeimdallError, LookupError):
 
 class AlreadyExistsError(HeimdallError):
     """Creating something whose name is already taken."""
+
+
+class AcceleratorError(HeimdallError, RuntimeError):
+    """A run was given or asked for a GPU that its torch cannot use (no silent CPU fallback)."""
 
 
 def collect_problems(what: str, problems: list[str]) -> None:

@@ -72,6 +72,7 @@ from tuning.study.spaces import (
     SearchSpace,
     budget_overrides,
     check_space_budget,
+    check_space_devices,
     load_space,
     space_summary,
     with_overrides,
@@ -801,3 +802,4 @@ def study_space(config: StudyConfig) -> SearchSpace:
 
 if __name__ == "__main__":
     sys.exit(main())
+    check_space_devices(space, config.gpus_per_worker)

@@ -5,9 +5,10 @@ Examples::
     python -m tuning.data generate --dataset default --recordings 8000 --seed 0
     python -m tuning.train --arch resnet --dataset default
     python -m tuning.train --arch setnet --dataset default --epochs 15 --time-budget 20
+    python -m tuning.train --arch resnet --accelerator gpu --precision 16-mixed
 
 It reads the dataset once, computes the features in memory, trains with
-Lightning on the CPU, calibrates the ellipse scale on the validation split,
+Lightning on the GPU when torch sees one (``--accelerator``), else on the CPU, calibrates the ellipse scale on the validation split,
 and prints the held-out test report next to the Bayes oracle and the
 network-centre baseline on the same recordings. The checkpoint, the metrics
 (CSV per epoch) and ``report.json`` go to ``--out``.
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from heimdall.devices import ACCELERATORS, DEFAULT_PRECISION, PRECISIONS
 from heimdall.errors import HeimdallError
 from tuning.settings import add_data_args, data_settings
 
@@ -42,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", default=None, help="loss family: gaussian_nll | full_nll | beta_nll [LossConfig.family]")
     p.add_argument("--time-budget", type=float, default=None, help="stop training after this many minutes")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and shuffling")
+    p.add_argument("--accelerator", choices=ACCELERATORS, default="auto",
+                   help="where to train: auto (the GPU when torch sees CUDA, else the CPU), cpu, or gpu (an error "
+                        "when torch cannot see CUDA) [auto]")
+    p.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                   help=f"numeric precision (Lightning's): {', '.join(PRECISIONS)}; 16-mixed needs a GPU "
+                        f"[{DEFAULT_PRECISION}]")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads [all cores]")
     p.add_argument("--out", type=Path, default=None, help="output directory [{data-dir}/train/{arch}-{dataset}]")
     p.add_argument("--evaluate", type=Path, default=None, metavar="CKPT",
@@ -76,6 +84,7 @@ def run(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     from heimdall.data import HeimdallDataModule, load_feature_splits
+    from heimdall.devices import check_precision, choose_placement
     from heimdall.features import feature_config_for
     from heimdall.models import build_model
     from heimdall.module import LocalizationModule
@@ -85,6 +94,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     model_config, loss, opt = _configs(args)
+    placement = choose_placement(gpu_ids=None, cuda_available=torch.cuda.is_available(), requested=args.accelerator)
+    if not args.evaluate:
+        check_precision(args.precision, placement.accelerator == "cuda", "--precision")
     pl.seed_everything(args.seed, workers=True, verbose=False)
     # Before the dataset is read: a bad checkpoint fails in a second, not after the features.
     evaluated = LocalizationModule.from_checkpoint(args.evaluate) if args.evaluate else None
@@ -101,7 +113,8 @@ def run(args: argparse.Namespace) -> dict:
     module = LocalizationModule(build_model(args.arch, model_config), loss, opt, feature_config=features)
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", monitor="val/nll_km", mode="min", save_last=True)
     trainer = pl.Trainer(
-        max_epochs=opt.max_epochs, accelerator="cpu", logger=CSVLogger(out, name="logs"), callbacks=[ckpt],
+        max_epochs=opt.max_epochs, accelerator=placement.accelerator, devices=placement.devices,
+        precision=args.precision, logger=CSVLogger(out, name="logs"), callbacks=[ckpt],
         max_time={"minutes": args.time_budget} if args.time_budget else None, log_every_n_steps=20,
         enable_model_summary=False,
     )
@@ -135,7 +148,8 @@ def _report(module, splits, info, out: Path, args: argparse.Namespace, train_s: 
     calibrated = out / "calibrated.ckpt"
     module.write_checkpoint(calibrated)
     report.update(arch=module.hparams["arch"], dataset=info.name, recordings=info.n_recordings,
-                  train_seconds=round(train_s, 1), epochs_run=epochs, checkpoint=str(calibrated), seed=args.seed)
+                  train_seconds=round(train_s, 1), epochs_run=epochs, checkpoint=str(calibrated), seed=args.seed,
+                  precision=args.precision)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
     print(report["table"])
     print(f"trained {epochs} epochs in {train_s / 60:.1f} min; report: {out / 'report.json'}")

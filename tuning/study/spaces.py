@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 
 import yaml
 
+from heimdall.devices import TrainerConfig
 from heimdall.errors import ConfigError, collect_problems
 from heimdall.losses import LossConfig, validate_model_and_loss
 from heimdall.models import ARCHITECTURES
@@ -56,6 +57,7 @@ __all__ = [
     "build_configs",
     "WARMUPS",
     "check_space_budget",
+    "check_space_devices",
     "budget_overrides",
     "fit_budget",
     "space_summary",
@@ -63,7 +65,7 @@ __all__ = [
 
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 KINDS = ("choice", "uniform", "loguniform", "int")
-SECTIONS = ("model", "loss", "optimizer")
+SECTIONS = ("model", "loss", "optimizer", "trainer")
 _TOP_KEYS = ("arch", "fixed", "parameters")
 _OPTIONS = {"choice": (), "uniform": ("step",), "loguniform": (), "int": ("step", "log")}
 _SCALARS = (type(None), bool, int, float, str)
@@ -101,7 +103,7 @@ class Parameter:
 
     @property
     def section(self) -> str:
-        """``model``, ``loss`` or ``optimizer``."""
+        """``model``, ``loss``, ``optimizer`` or ``trainer``."""
         return self.name.split(".", 1)[0]
 
     @property
@@ -160,12 +162,17 @@ class SearchSpace:
 
 @dataclass(frozen=True)
 class TrialConfigs:
-    """The typed configs of one trial, ready for ``build_model`` and the module."""
+    """The typed configs of one trial, ready for ``build_model``, the module and the Trainer.
+
+    ``trainer.precision`` is None unless the space searches or fixes it: the study's
+    ``--precision`` applies then.
+    """
 
     arch: str
     model: Any
     loss: Any
     optimizer: Any
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def as_flat_dict(self) -> dict[str, Any]:
         """Every field, defaults included, as ``{"section.field": value}`` (for logging)."""
@@ -180,13 +187,13 @@ def section_class(section: str, arch: str) -> type | None:
     """The config dataclass a section resolves to (None for ``model`` of an unknown arch).
 
     Args:
-        section: ``"model"``, ``"loss"`` or ``"optimizer"``.
+        section: ``"model"``, ``"loss"``, ``"optimizer"`` or ``"trainer"``.
         arch: an architecture name of :data:`heimdall.models.ARCHITECTURES`.
     """
     if section == "model":
         entry = ARCHITECTURES.get(arch)
         return entry[0] if entry else None
-    return {"loss": LossConfig, "optimizer": OptimizerConfig}[section]
+    return {"loss": LossConfig, "optimizer": OptimizerConfig, "trainer": TrainerConfig}[section]
 
 
 # --------------------------------------------------------------------------- registry
@@ -729,7 +736,7 @@ def _build(space: SearchSpace, params: Mapping[str, Any]) -> tuple[TrialConfigs 
         problems += [f"configs together: {p}" for p in e.problems]
     if problems:
         return None, problems
-    return TrialConfigs(space.arch, built["model"], built["loss"], built["optimizer"]), []
+    return TrialConfigs(space.arch, built["model"], built["loss"], built["optimizer"], built["trainer"]), []
 
 
 # --------------------------------------------------------------------------- the study's epoch budget
@@ -773,6 +780,37 @@ def check_space_budget(space: SearchSpace, max_epochs: int) -> None:
         problems.append(f"{name} {how} {top:g} epochs, not less than --max-epochs {max_epochs}: {consequence}; "
                         f"fix: keep its values {below} in the space, or raise --max-epochs to {needed}")
     collect_problems(what, problems)
+
+
+def check_space_devices(space: SearchSpace, gpus_per_worker: float) -> None:
+    """Check the precisions a space can give its trials against the study's devices, before any trial.
+
+    A space that fixes or searches ``trainer.precision`` overrides the study's
+    ``--precision`` for its trials; ``16-mixed`` needs a GPU, so on CPU workers
+    (``gpus_per_worker`` 0) it is refused now rather than in every trial drawn there.
+
+    Args:
+        space: a validated space.
+        gpus_per_worker: the study's ``--gpus-per-worker``.
+
+    Raises:
+        ConfigError: the problem, with its fix.
+    """
+    name = "trainer.precision"
+    if name in space.fixed:
+        values: tuple[Any, ...] = (space.fixed[name],)
+    else:
+        try:
+            values = space.parameter(name).choices
+        except KeyError:
+            return
+    problems = []
+    if not gpus_per_worker and "16-mixed" in values:
+        how = "is fixed at" if name in space.fixed else "can be"
+        problems.append(f"{name} {how} 16-mixed, which needs a GPU (float16 autocast on a CPU is slower than float32 "
+                        f"and loses range), but --gpus-per-worker is 0: the trials train on CPUs; fix: drop 16-mixed "
+                        f"from the space (bf16-mixed runs on CPUs), or give each worker a GPU with --gpus-per-worker")
+    collect_problems(f"search space {space.name!r} on the study's devices", problems)
 
 
 def budget_overrides(space: SearchSpace, max_epochs: int) -> dict[str, Any]:

@@ -17,6 +17,7 @@ names. The design and the Ray facts behind it: docs/architecture.md, "Search".
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.fs
 import ray.train
 from ray import tune
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch.config import _TorchBackend
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from heimdall.errors import HeimdallError, collect_problems
@@ -412,9 +414,51 @@ def run_trial(
 
 
 def _scaling_config(spec: TrialSpec) -> ray.train.ScalingConfig:
-    """The trial's Train workers and what each reserves."""
-    return ray.train.ScalingConfig(num_workers=spec.study.workers_per_trial,
-                                   resources_per_worker={"CPU": spec.study.cpus_per_worker})
+    """The trial's Train workers and what each reserves.
+
+    With ``gpus_per_worker`` > 0 each worker reserves that share of one GPU (Ray packs
+    fractions of several trials onto one device and sets ``CUDA_VISIBLE_DEVICES``);
+    the worker then trains on CUDA (:func:`heimdall.devices.choose_placement`).
+    """
+    gpus = spec.study.gpus_per_worker
+    resources = {"CPU": spec.study.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+    return ray.train.ScalingConfig(num_workers=spec.study.workers_per_trial, use_gpu=bool(gpus),
+                                   resources_per_worker=resources)
+
+
+def _torch_config(spec: TrialSpec) -> TorchConfig:
+    """The process group of the trial's workers: NCCL when every worker's torch has CUDA and NCCL.
+
+    Ray Train would pick NCCL for any worker given a GPU and fail in its own set-up
+    (a controller error, retried) when the worker's torch is a CPU build; gloo lets
+    such a worker reach the training loop, which refuses it with one clear error.
+    """
+    return _DeviceTorchConfig() if spec.study.gpus_per_worker else TorchConfig()
+
+
+def _worker_backend() -> str:
+    import torch
+    import torch.distributed as dist
+
+    return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+
+
+class _DeviceTorchBackend(_TorchBackend):
+    # Ray's own torch backend (ray.train.torch.config, internal; read against Ray 2.60) with the
+    # process-group backend chosen from what the workers' torch can do, asked of the workers.
+    def on_start(self, worker_group: Any, backend_config: TorchConfig) -> None:
+        backends = set(worker_group.execute(_worker_backend))
+        chosen = "nccl" if backends == {"nccl"} else "gloo"
+        super().on_start(worker_group, dataclasses.replace(backend_config, backend=chosen))
+
+
+@dataclass
+class _DeviceTorchConfig(TorchConfig):
+    backend: str | None = "nccl"  # set: TorchTrainer keeps it; on_start decides
+
+    @property
+    def backend_cls(self) -> type:
+        return _DeviceTorchBackend
 
 
 def _dataset_config(spec: TrialSpec) -> ray.train.DataConfig:
@@ -433,6 +477,7 @@ def _fit_with_restarts(config: Mapping[str, Any], spec: TrialSpec, datasets: Map
             train_loop_per_worker,
             train_loop_config={"spec": spec, "params": params, "seed": seed, "cache": cache, "trial_id": trial_id},
             scaling_config=_scaling_config(spec),
+            torch_config=_torch_config(spec),
             datasets=dict(datasets),
             dataset_config=_dataset_config(spec),
             run_config=_train_run_config(spec, trial_id),  # same name: a restart resumes the run

@@ -248,6 +248,12 @@ class StudyConfig:
             p.append(f"gpus_per_worker must lie in [0, 1] (0: CPU only; a fraction packs trials on one GPU), got "
                      f"{self.gpus_per_worker!r}; fix: for several GPUs per trial use --workers-per-trial N with "
                      f"--gpus-per-worker 1")
+        elif 0 < self.gpus_per_worker < 1 and isinstance(self.workers_per_trial, int) and self.workers_per_trial > 1:
+            # Ray may give both fractions of one trial the same GPU: two NCCL ranks on one device fail.
+            p.append(f"a fraction of a GPU per worker (gpus_per_worker {self.gpus_per_worker:g}) packs several trials "
+                     f"on one GPU, but a trial of {self.workers_per_trial} workers would put several of its DDP ranks "
+                     f"on one device, which NCCL refuses; fix: --gpus-per-worker 1 for multi-GPU trials, or "
+                     f"--workers-per-trial 1 to share GPUs")
         if self.precision not in PRECISIONS:
             p.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         elif self.precision == "16-mixed" and not self.gpus_per_worker:

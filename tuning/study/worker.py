@@ -25,6 +25,7 @@ import ray.train
 import torch
 from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
 
+from heimdall.devices import Placement, check_precision, choose_placement
 from heimdall.models import build_model
 from heimdall.module import LocalizationModule
 from tuning.data.pipeline import FeatureCache, RayBatches
@@ -172,11 +173,21 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 
 
-def _build_trainer(spec: TrialSpec, metrics: TrialMetrics) -> pl.Trainer:
+def _placement(precision: str) -> Placement:
+    """This worker's accelerator: CUDA exactly when Ray gave it a GPU, never "auto" (a CPU build
+    of torch on a GPU node fails the trial with the fix instead of training on CPUs)."""
+    placement = choose_placement(gpu_ids=ray.get_gpu_ids(), cuda_available=torch.cuda.is_available())
+    check_precision(precision, placement.accelerator == "cuda", "precision")
+    return placement
+
+
+def _build_trainer(spec: TrialSpec, metrics: TrialMetrics, placement: Placement, precision: str) -> pl.Trainer:
+    # RayDDPStrategy puts the model on the device Ray assigned (its root_device), so devices stays "auto".
     trainer = pl.Trainer(
         max_epochs=spec.study.max_epochs,
-        accelerator="cpu",
-        devices="auto",
+        accelerator=placement.accelerator,
+        devices=placement.devices,
+        precision=precision,
         strategy=RayDDPStrategy(),
         plugins=[RayLightningEnvironment()],
         # Order matters: TrialMetrics must fill callback_metrics before Ray reads them.
@@ -206,6 +217,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec: TrialSpec = config["spec"]
     cache: FeatureCache = config["cache"]
     configs = spec.configs(config["params"])
+    precision = configs.trainer.precision or spec.study.precision
+    placement = _placement(precision)  # first: a worker that cannot train fails before any other work
     pl.seed_everything(config["seed"], workers=True, verbose=False)
     module = _build_module(configs, cache)
     checkpoint = ray.train.get_checkpoint()
@@ -213,14 +226,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     measure = (any(o.metric == LATENCY_METRIC for o in spec.study.objectives) and checkpoint is None
                and ray.train.get_context().get_world_rank() == 0)
     metrics = TrialMetrics(_architecture_metrics(configs, cache) if measure else None)
-    trainer = _build_trainer(spec, metrics)
+    trainer = _build_trainer(spec, metrics, placement, precision)
     world = ray.train.get_context().get_world_size()
     # n_rows gives the loaders a length: the module's lr schedule counts steps per epoch.
     train = RayBatches(ray.train.get_dataset_shard("train"), configs.optimizer.batch_size, shuffle=True,
                        seed=config["seed"], n_rows=cache.counts["train"] // world)
     val = RayBatches(ray.train.get_dataset_shard("val"), EVAL_BATCH_SIZE, shuffle=False,
                      seed=0, n_rows=cache.counts["val"] // world)
-    _announce(config.get("trial_id"), checkpoint)
+    _announce(config.get("trial_id"), checkpoint, f"{placement.accelerator} at precision {precision}")
     if checkpoint is None:
         trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
         return
@@ -232,11 +245,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     metrics.report_if_silent()
 
 
-def _announce(trial_id: str | None, checkpoint: ray.train.Checkpoint | None) -> None:
+def _announce(trial_id: str | None, checkpoint: ray.train.Checkpoint | None, device: str) -> None:
     """One line in the worker's log (dashboard → Logs, or ``worker-*.out`` on its node): which
-    trial, which rank, which node, and whether it starts fresh or resumes from a checkpoint."""
+    trial, which rank, which node and device, and whether it starts fresh or resumes from a checkpoint."""
     ctx = ray.train.get_context()
     how = f"resuming from {checkpoint.path}" if checkpoint is not None else "starting from scratch"
     print(f"{datetime.now().isoformat(timespec='milliseconds')} heimdall: trial {trial_id} rank "
           f"{ctx.get_world_rank()}/{ctx.get_world_size()} on node {ray.get_runtime_context().get_node_id()} "
-          f"pid {os.getpid()}: {how}", flush=True)
+          f"pid {os.getpid()}: {how}, training on {device}", flush=True)
