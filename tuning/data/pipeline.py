@@ -4,8 +4,9 @@ Features do not depend on a trial's hyperparameters, so :func:`ensure_feature_ca
 computes them once on the driver, before any trial, and keeps them as Parquet
 in the same blob store as the shards (``features/{dataset}/{key}/split=*/``,
 ``manifest.json`` written last marks it complete; ``key`` hashes everything the
-features depend on). Trials only read that cache: :func:`trial_datasets` for
-``TorchTrainer(datasets=...)``, :class:`RayBatches` in each worker,
+features depend on). Trials only read that cache: :func:`study_datasets` (read
+once per study into the object store) or :func:`trial_datasets` (read by every
+trial) for ``TorchTrainer(datasets=...)``, :class:`RayBatches` in each worker,
 :func:`read_cached` for evaluation and export.
 
 Why shards are decoded by our own actors (checksums), why float16, and how the
