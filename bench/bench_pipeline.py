@@ -13,13 +13,20 @@ Measures, in one run and on the same shards:
    over ``streaming_split(1)`` (what ``ray.train.get_dataset_shard`` returns)
    while each batch goes through a real ResNet training step on the CPU (the
    first 10 batches), then through a 20 ms sleep standing for a GPU step (two
-   epochs), reporting the fraction of wall time blocked on the iterator.
+   epochs), reporting the fraction of wall time blocked on the iterator;
+3. with ``--loader`` (only this): can the loader outrun a step? :class:`RayBatches`
+   drained with no step at each ``prefetch_batches`` in :data:`PREFETCHES` (batches/s
+   after the first batch, two epochs each on a fresh split), beside the time of one
+   training step of the default model (``ResNetConfig()``, batch ``--batch-size``) on
+   this CPU, and the share of a simulated ``--step-ms`` step spent waiting for data.
+   Pinned memory needs a CUDA build of torch: not measurable on a CPU-only machine.
 
 Usage::
 
     python bench/bench_pipeline.py                       # 1000 recordings, local store in a temp dir
     python bench/bench_pipeline.py --recordings 4000 --shard-size 250 --keep .bench-data
     python bench/bench_pipeline.py --step-ms 5            # a 5 ms simulated step instead of 20 ms
+    python bench/bench_pipeline.py --loader --step-ms 5   # loader batches/s by prefetch vs a training step
     python bench/bench_pipeline.py --store s3://heimdall-bench --catalog postgresql://...   # real services
 
 The datasets (``bench-N-SHARD`` and ``bench-overhead``) are generated on first use,
@@ -46,7 +53,7 @@ from heimdall.errors import NotFoundError
 from heimdall.features import FeatureConfig, SpectrogramFeatures, spectrogram_numpy
 from heimdall.models import ResNetConfig, build_model
 from heimdall.store import BlobStore
-from tuning.data.pipeline import RayBatches, ensure_feature_cache, trial_datasets
+from tuning.data.pipeline import PREFETCH_BATCHES, RayBatches, ensure_feature_cache, trial_datasets
 from tuning.settings import add_data_args, data_settings
 
 #: Recordings of the one-shard dataset whose build time is taken as the start-up cost.
@@ -55,6 +62,8 @@ OVERHEAD_RECORDINGS = 8
 GPU_STEP_MS = 20.0
 #: Batches timed with the real (slow, CPU) ResNet step.
 RESNET_BATCHES = 10
+#: ``prefetch_batches`` values ``--loader`` compares (RayBatches' default: PREFETCH_BATCHES).
+PREFETCHES = (0, 1, PREFETCH_BATCHES, 4)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="training batch size (default 64)")
     p.add_argument("--step-ms", type=float, default=None,
                    help=f"sleep per simulated (GPU) step, ms (default {GPU_STEP_MS:g})")
+    p.add_argument("--loader", action="store_true",
+                   help="only the loader table: batches/s by prefetch_batches vs the default model's CPU step")
     p.add_argument("--keep", type=Path, default=None,
                    help="data directory to keep the datasets in (default: a temp dir, deleted)")
     add_data_args(p)
@@ -83,6 +94,9 @@ def main(argv: list[str] | None = None) -> None:
         _ensure_dataset(catalog, store, name, args.recordings, args.shard_size)
         _ensure_dataset(catalog, store, "bench-overhead", OVERHEAD_RECORDINGS, OVERHEAD_RECORDINGS)
         _start_ray()
+        if args.loader:
+            _report_loader(args, *_loader(catalog, store, name, args.batch_size, args.step_ms or GPU_STEP_MS))
+            return
         rows = _throughput(catalog, store, name, args.workers)
         waits = _data_waits(catalog, store, name, args.batch_size, args.step_ms)
         _report(args, rows, waits)
@@ -198,6 +212,41 @@ def _one_epoch(
     wall = time.perf_counter() - started
     return {"batches": len(steps), "wall_s": wall, "step_ms": 1000 * float(np.mean(steps)), "first_s": waits[0],
             "blocked": sum(waits) / wall, "blocked_after_first": sum(waits[1:]) / max(wall - waits[0], 1e-9)}
+
+
+def _loader(catalog: Catalog, store: BlobStore, name: str, batch_size: int,
+            step_ms: float) -> tuple[float, list[Wait]]:
+    """The default model's CPU step (ms), and per prefetch setting the drained and the stepped epochs."""
+    cache = ensure_feature_cache(catalog, store, name, FeatureConfig(), log=lambda _: None)
+    (shard,) = trial_datasets(cache, store, ("train",))["train"].streaming_split(1, equal=True)
+    batch = next(iter(RayBatches(shard, batch_size, shuffle=False, seed=0)))
+    step = _resnet_step()
+    for _ in range(2):  # warm-up: first calls allocate
+        step(batch)
+    model_ms = 1000 * _timed(lambda: [step(batch) for _ in range(RESNET_BATCHES)]) / RESNET_BATCHES
+    out: list[Wait] = []
+    for prefetch in PREFETCHES:
+        for label, fn in (("none (drain)", lambda b: None), (f"sleep {step_ms:g} ms", _sleep_step(step_ms))):
+            (shard,) = trial_datasets(cache, store, ("train",))["train"].streaming_split(1, equal=True)
+            batches = RayBatches(shard, batch_size, shuffle=True, seed=0, prefetch_batches=prefetch)
+            for epoch in range(2):
+                out.append({"prefetch": prefetch, "step": label, "epoch": epoch, **_one_epoch(batches, fn, None)})
+        print(f"  loader, prefetch_batches={prefetch}: done", flush=True)
+    return model_ms, out
+
+
+def _report_loader(args: argparse.Namespace, model_ms: float, rows: list[Wait]) -> None:
+    print(f"\nloader vs step: train split in batches of {args.batch_size}, RayBatches over streaming_split(1), "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}")
+    print(f"default model (ResNetConfig()) training step on this CPU: {model_ms:.1f} ms/batch "
+          f"= {1000 / model_ms:.1f} batches/s ({torch.get_num_threads()} threads)")
+    print(f"{'prefetch':>8s} {'step':18s} {'epoch':>5s} {'batches':>7s} {'1st batch s':>11s} {'batches/s after 1st':>19s} "
+          f"{'blocked after 1st':>17s}")
+    for r in rows:
+        rate = (r["batches"] - 1) / max(r["wall_s"] - r["first_s"], 1e-9)
+        print(f"{r['prefetch']:8d} {r['step']:18s} {r['epoch']:5d} {r['batches']:7d} {r['first_s']:11.2f} {rate:19.1f} "
+              f"{100 * r['blocked_after_first']:16.1f}%")
+    print(f"\ncommand: python {shlex.join(sys.argv)}")
 
 
 def _sleep_step(ms: float) -> Callable[[dict[str, torch.Tensor]], None]:

@@ -853,6 +853,7 @@ def worker_batches(
     seed: int,
     drop_last: bool = False,
     prefetch_batches: int = 2,
+    pin_memory: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of training batches from a worker's dataset shard.
 
@@ -865,6 +866,8 @@ def worker_batches(
         seed: shuffle seed; pass a different one each epoch.
         drop_last: drop a final short batch.
         prefetch_batches: batches prepared ahead in background threads.
+        pin_memory: collate into page-locked host memory (a CUDA worker only: a CPU
+            build of torch cannot pin), so Ray Data's copy to the GPU is truly non-blocking.
 
     Yields:
         ``features`` float32 (B, R, 128, 32), ``mask`` bool (B, R), ``target``
@@ -881,9 +884,14 @@ def worker_batches(
         collate_fn=_collate_class()(),
         drop_last=drop_last,
         prefetch_batches=prefetch_batches,
+        pin_memory=pin_memory,
         local_shuffle_buffer_size=max(4 * batch_size, 128) if shuffle else None,
         local_shuffle_seed=seed if shuffle else None,
     )
+
+
+#: Batches :class:`RayBatches` prepares ahead of the step (Ray Data's background threads).
+PREFETCH_BATCHES = 2
 
 
 class RayBatches(Iterable[dict[str, "torch.Tensor"]]):
@@ -892,6 +900,13 @@ class RayBatches(Iterable[dict[str, "torch.Tensor"]]):
     Pass it as ``train_dataloaders=`` / ``val_dataloaders=`` to a Lightning
     ``Trainer``. Epoch ``e`` shuffles with ``seed + e``. Nothing is read until
     the first batch is asked for (Lightning calls ``iter()`` once just to check).
+
+    Batches arrive on the Train worker's device: Ray Data collates
+    ``prefetch_batches`` ahead in background threads and copies each to the GPU
+    there (non-blocking), so the step never waits for a host-to-device copy; with
+    ``pin_memory`` (set it on a CUDA worker) the copy reads page-locked memory and
+    overlaps the step. ``bench/bench_pipeline.py --loader`` measures the loader's
+    batches/s against a training step (docs/benchmarks.md).
 
     Args:
         shard: ``ray.train.get_dataset_shard(split)`` (or a Dataset).
@@ -902,12 +917,16 @@ class RayBatches(Iterable[dict[str, "torch.Tensor"]]):
             ``cache.counts["train"] // world_size``: Train splits datasets into
             equal parts); enables ``len()``, which Lightning uses for progress.
         drop_last: drop a final short batch.
+        prefetch_batches: batches prepared ahead (:data:`PREFETCH_BATCHES`).
+        pin_memory: page-locked host batches; only where the worker trains on CUDA.
     """
 
     def __init__(self, shard: Any, batch_size: int, *, shuffle: bool, seed: int,
-                 n_rows: int | None = None, drop_last: bool = False) -> None:
+                 n_rows: int | None = None, drop_last: bool = False,
+                 prefetch_batches: int = PREFETCH_BATCHES, pin_memory: bool = False) -> None:
         self.shard, self.batch_size, self.shuffle, self.seed = shard, batch_size, shuffle, seed
         self.n_rows, self.drop_last = n_rows, drop_last
+        self.prefetch_batches, self.pin_memory = prefetch_batches, pin_memory
         self.epoch = 0
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -917,7 +936,8 @@ class RayBatches(Iterable[dict[str, "torch.Tensor"]]):
         # A generator: the epoch (and its seed) starts at the first next(), not at iter().
         seed, self.epoch = self.seed + self.epoch, self.epoch + 1
         yield from worker_batches(self.shard, self.batch_size, shuffle=self.shuffle, seed=seed,
-                                  drop_last=self.drop_last)
+                                  drop_last=self.drop_last, prefetch_batches=self.prefetch_batches,
+                                  pin_memory=self.pin_memory)
 
     def __len__(self) -> int:
         if self.n_rows is None:

@@ -229,10 +229,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     trainer = _build_trainer(spec, metrics, placement, precision)
     world = ray.train.get_context().get_world_size()
     # n_rows gives the loaders a length: the module's lr schedule counts steps per epoch.
+    pin = placement.accelerator == "cuda"  # page-locked batches: the copy to the GPU overlaps the step
     train = RayBatches(ray.train.get_dataset_shard("train"), configs.optimizer.batch_size, shuffle=True,
-                       seed=config["seed"], n_rows=cache.counts["train"] // world)
+                       seed=config["seed"], n_rows=cache.counts["train"] // world, pin_memory=pin)
     val = RayBatches(ray.train.get_dataset_shard("val"), EVAL_BATCH_SIZE, shuffle=False,
-                     seed=0, n_rows=cache.counts["val"] // world)
+                     seed=0, n_rows=cache.counts["val"] // world, pin_memory=pin)
     _announce(config.get("trial_id"), checkpoint, f"{placement.accelerator} at precision {precision}")
     if checkpoint is None:
         trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
