@@ -981,7 +981,7 @@ class ClusterLimiter(ConcurrencyLimiter):
         except ConfigError:
             limit = 1  # nothing fits now: one trial waits for a node (and shows an autoscaler the demand)
         seen = {k: float(resources.get(k, 0.0)) for k in ("CPU", "GPU")}
-        if self.cluster and (limit != self.max_concurrent or seen != self.cluster):
+        if self.cluster and seen != self.cluster:  # (the first limit is the plan's, already printed)
             gpus = f", {seen['GPU']:g} GPU(s)" if d["gpus_per_worker"] else ""
             print(f"cluster:   now {seen['CPU']:g} CPUs{gpus}: up to {limit} trial(s) at a time", flush=True)
         self.cluster, self.max_concurrent = seen, limit

@@ -143,15 +143,17 @@ def test_dry_run_against_an_unreachable_cluster_is_one_error_naming_the_fix(tmp_
     assert time.monotonic() - started < 60  # not Ray's minutes of retries
 
 
-def test_cluster_limiter_follows_the_cluster_between_suggestions() -> None:
+def test_cluster_limiter_follows_the_cluster_between_suggestions(capsys: pytest.CaptureFixture[str]) -> None:
     cluster = {"CPU": 2.0}
     searcher = OptunaSearch(space={"x": optuna.distributions.FloatDistribution(0.0, 1.0)}, metric="m", mode="min")
-    limiter = ClusterLimiter(searcher, StudyConfig(name="p", trials=8, max_concurrent=3),
-                             read_cluster=lambda: cluster, check_s=0.0)
+    config = StudyConfig(name="p", trials=8, max_concurrent=3)
+    limiter = ClusterLimiter(searcher, config, plan_study(config, cluster), read_cluster=lambda: cluster, check_s=0.0)
     assert limiter.suggest("a") is not None
     assert limiter.suggest("b") is None  # 2 CPUs fit one trial
+    assert capsys.readouterr().out == ""  # the cluster of the plan: nothing new to say
     cluster["CPU"] = 5.0  # a node joined: 3 trials of 1.51 CPU fit
     assert limiter.suggest("b") is not None and limiter.suggest("c") is not None
+    assert capsys.readouterr().out == "cluster:   now 5 CPUs: up to 3 trial(s) at a time\n"
     cluster["CPU"] = 16.0  # fits 10, but --max-concurrent 3 bounds it
     assert limiter.suggest("d") is None and limiter.max_concurrent == 3
     cluster["CPU"] = 2.0  # nodes left: no new trial until running ones end
