@@ -352,19 +352,6 @@ def _init_local_ray(kwargs: dict[str, Any]) -> Any:
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
 
 
-def ensure_dataset(conn: Connections, config: StudyConfig) -> DatasetInfo:
-    """The study's dataset, generated (with a progress bar) or resumed if needed."""
-    info = conn.dataset
-    if info is not None and info.status == "complete":
-        return info
-    n, seed, kwargs = config.dataset_recordings, config.dataset_seed, {}
-    if info is not None:  # pending: resume with its own settings
-        n, seed = info.planned_recordings, info.seed
-        kwargs = {"config": GeneratorConfig.from_dict(info.config), "shard_size": info.shard_size}
-    with tqdm(total=n, unit="rec", desc=f"generate dataset {config.dataset}") as bar:
-        return generate_dataset(conn.catalog, conn.store, config.dataset, n_recordings=n, seed=seed,
-                                progress=bar.update, **kwargs)
-
 def local_resources() -> dict[str, float]:
     """The CPUs and GPUs a local Ray started by :func:`start_ray` would have, counted the way Ray
     counts them (cgroup-aware CPUs; GPUs from the driver library, capped by ``CUDA_VISIBLE_DEVICES``),
@@ -411,6 +398,19 @@ def cluster_resources(address: str) -> dict[str, float]:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ServiceUnavailableError(f"cannot join the Ray cluster at {address}: {str(exc)[:300]}; {fix}") from None
 
+
+def ensure_dataset(conn: Connections, config: StudyConfig) -> DatasetInfo:
+    """The study's dataset, generated (with a progress bar) or resumed if needed."""
+    info = conn.dataset
+    if info is not None and info.status == "complete":
+        return info
+    n, seed, kwargs = config.dataset_recordings, config.dataset_seed, {}
+    if info is not None:  # pending: resume with its own settings
+        n, seed = info.planned_recordings, info.seed
+        kwargs = {"config": GeneratorConfig.from_dict(info.config), "shard_size": info.shard_size}
+    with tqdm(total=n, unit="rec", desc=f"generate dataset {config.dataset}") as bar:
+        return generate_dataset(conn.catalog, conn.store, config.dataset, n_recordings=n, seed=seed,
+                                progress=bar.update, **kwargs)
 
 
 def baselines(conn: Connections, info: DatasetInfo, split: SplitConfig) -> dict[str, dict[str, float]]:
