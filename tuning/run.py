@@ -810,9 +810,9 @@ def study_space(config: StudyConfig) -> SearchSpace:
             space = with_overrides(space, pinned)
             print(f"note:      smoke test: {', '.join(pinned)} pinned to 0 (they reach --max-epochs {config.max_epochs})")
     check_space_budget(space, config.max_epochs)
+    check_space_devices(space, config.gpus_per_worker)
     return space
 
 
 if __name__ == "__main__":
     sys.exit(main())
-    check_space_devices(space, config.gpus_per_worker)
