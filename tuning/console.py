@@ -107,7 +107,7 @@ def _logging_to(log: IO[str]) -> Iterator[None]:
     for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
         for handler in getattr(logger, "handlers", ()):
             if _is_console(handler):
-                moved.append((handler, handler.setStream(stream)))
+                moved.append((handler, _set_stream(handler, stream)))
     last_resort = logging.lastResort
     logging.lastResort = logging.StreamHandler(stream)
     logging.lastResort.setLevel(logging.WARNING)
@@ -123,7 +123,17 @@ def _logging_to(log: IO[str]) -> Iterator[None]:
         logging.getLogger("py.warnings").removeHandler(warnings_handler)
         logging.lastResort = last_resort
         for handler, stream in moved:
-            handler.setStream(stream)
+            _set_stream(handler, stream)
+
+
+def _set_stream(handler: logging.StreamHandler, stream: IO[str]) -> IO[str]:
+    """``handler.setStream(stream)``, also for a handler whose stream was closed under it (one made
+    while a finished test's capture was ``sys.stderr``): ``setStream`` would flush it and raise."""
+    try:
+        return handler.setStream(stream)
+    except ValueError:
+        old, handler.stream = handler.stream, stream
+        return old
 
 
 def _is_console(handler: logging.Handler) -> bool:
