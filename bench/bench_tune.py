@@ -263,8 +263,10 @@ COST_PARAMS = ("model.stage_depths", "model.width", "model.kernel_size", "model.
 
 
 def _train_one(trial: optuna.Trial, space: Any, cache: FeatureCache, data: dict, args: argparse.Namespace,
-               prune: bool) -> tuple[int, float, float, float, bool]:
+               prune: bool, seed: int | None = None) -> tuple[int, float, float, float, bool]:
     """Train one trial in this process; returns (epochs, wall seconds, CPU seconds, last objective value, pruned).
+
+    Weights and batch order are seeded with ``seed``, by default the trial's number.
 
     CPU seconds (this process, one torch thread) are what the trial costs on a core of its own; wall
     seconds also count the waits that other work on a shared machine imposes.
@@ -273,14 +275,15 @@ def _train_one(trial: optuna.Trial, space: Any, cache: FeatureCache, data: dict,
     spec = TrialSpec(StudyConfig(name="bench", max_epochs=args.epochs), space, train_storage="unused")
     to_optuna(space)(trial)
     configs = spec.configs(trial.params)
-    pl.seed_everything(trial.number, verbose=False)
+    seed = trial.number if seed is None else seed
+    pl.seed_everything(seed, verbose=False)
     module = LocalizationModule(build_model(configs.arch, configs.model), configs.loss, configs.optimizer,
                                 cache.target_scaling, cache.feature_config)
     report = _ReportAndStop(trial, OBJECTIVES["nll"].metric, prune)
     trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          callbacks=[report])
-    gen = torch.Generator().manual_seed(trial.number)
+    gen = torch.Generator().manual_seed(seed)
     train = torch.utils.data.DataLoader(_Rows(data["train"]), batch_size=configs.optimizer.batch_size,
                                         shuffle=True, generator=gen)
     val = torch.utils.data.DataLoader(_Rows(data["val"]), batch_size=256)
@@ -348,6 +351,26 @@ def _cost_by_configuration(runs: list[SearchRun]) -> None:
         f"{m} {statistics.median(v):.2f}" for m, v in by_method.items()))
 
 
+def _reseed(randoms: dict[int, SearchRun], space: Any, cache: FeatureCache, data: dict,
+            args: argparse.Namespace) -> None:
+    """Train each random search's best configuration again with other seeds: how much of its lead is luck."""
+    print(f"\nrandom search's best configuration trained again with {args.reseed} other seed(s)")
+    print(f"{'seed':>4} {'best':>7} {'again':>30} {'median':>7} {'median ranks':>12}")
+    for seed, rnd in randoms.items():
+        best = min(range(len(rnd.values)), key=rnd.values.__getitem__)
+        params = optuna.load_study(study_name=f"random-{seed}", storage=_STORAGE).trials[best].params
+        study = optuna.create_study(study_name=f"reseed-{seed}", storage=_STORAGE)
+        again = []
+        for k in range(args.reseed):
+            study.enqueue_trial(params)
+            trial = study.ask()
+            again.append(_train_one(trial, space, cache, data, args, prune=False, seed=100_000 + k)[3])
+            study.tell(trial, again[-1])
+        typical = statistics.median(again)
+        print(f"{seed:4d} {rnd.values[best]:7.3f} {' '.join(f'{v:.3f}' for v in again):>30} {typical:7.3f} "
+              f"{1 + sum(v < typical for v in rnd.values):>5d} of {len(rnd.values):<3d}", flush=True)
+
+
 def search(args: argparse.Namespace) -> None:
     """TPE + ASHA variants against random search in CPU seconds, for each seed and random-search size."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -411,6 +434,8 @@ def search(args: argparse.Namespace) -> None:
             print(f"{name}: matched random's best of {size} in {sum(map(math.isfinite, fr))}/{len(fr)} seeds; "
                   f"median fraction of its CPU seconds {statistics.median(fr):.2f} (not reached counts as infinite)")
     _cost_by_configuration([*randoms.values(), *(r for _, _, r in runs)])
+    if args.reseed:
+        _reseed({s: randoms[s] for s in seeds}, space, cache, data, args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -436,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TPE+ASHA searches, SAMPLER[+warm][/gGRACE][/sSTARTUP] (see Variant) [%(default)s]")
     b.add_argument("--report-trials", type=int, nargs="+",
                    help="also compare with the best of random search's first N trials (default: --trials)")
+    b.add_argument("--reseed", type=int, default=0, metavar="K",
+                   help="finally train each random search's best configuration K more times with other seeds")
     b.add_argument("--budget-fraction", type=float, default=1.0,
                    help="stop a TPE+ASHA search after this fraction of random search's CPU seconds [%(default)s]")
     for p in (a, b):
