@@ -179,6 +179,13 @@ def phase_medians(lines: dict[str, dict[str, float]]) -> dict[str, float]:
             for p in PHASES if any(p in v for v in lines.values())}
 
 
+def actor_classes(dump: dict[str, Any]) -> dict[str, int]:
+    """Actors the study created, by class (each one a process boot on the machine)."""
+    names = [(t.get("func_or_class_name") or "?").split(".")[0] for t in dump.get("tasks", [])
+             if t.get("type") == "ACTOR_CREATION_TASK"]
+    return {n: names.count(n) for n in sorted(set(names))}
+
+
 def start_gaps(dump: dict[str, Any]) -> list[float]:
     starts = sorted(t["start"] for t in dump.get("trials", {}).values() if "start" in t)
     return [round(b - a, 2) for a, b in zip(starts, starts[1:])]
@@ -249,6 +256,7 @@ def startup(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 r = run_study(srcs[ref], args.data_dir, argv, tmp / f"{ref}-{n}.json", tmp / f"{ref}-{n}.log")
                 dump = r.pop("dump")
                 r["timeline"], r["start_gaps"] = timeline(dump), start_gaps(dump)
+                r["actors"] = actor_classes(dump)
                 results[ref][n] = r
                 print(f"{ref:>10} trials={n}: wall {r['wall_s']:.1f} s, "
                       f"load {r['load'][0]:.1f}->{r['load'][1]:.1f}", flush=True)
@@ -324,6 +332,9 @@ def report_startup(summary: dict[str, Any], args: argparse.Namespace) -> None:
         gap = s["start_gap_median_s"]
         print(f"{ref:>10} {runs[lo]['wall_s']:>9.1f} {runs[hi]['wall_s']:>9.1f} {s['per_trial_s']:>10.1f} "
               f"{gap if gap is not None else float('nan'):>10.1f}")
+    print(f"\nactors created by the {hi}-trial study, by class")
+    for ref, s in summary.items():
+        print(f"{ref:>10} " + ", ".join(f"{k} {v}" for k, v in s["runs"][hi].get("actors", {}).items()))
     print(f"\ntimeline, median over the {hi}-trial run's trials, seconds from the trial actor's submission")
     print(f"{'phase':<22}" + "".join(f"{ref:>12}" for ref in summary))
     for p in PHASES:

@@ -707,7 +707,8 @@ def cached_bytes(cache: FeatureCache, store: BlobStore, splits: Sequence[str] = 
     """Bytes of the cache files of ``splits`` in the store: about what they take in memory
     (float16 features are near incompressible: the default study's 383 MB of files materialise as 413 MB)."""
     fs, base = store.pyarrow_filesystem()
-    return sum(info.size or 0 for info in fs.get_file_info([f"{base}/{k}" for s in splits for k in cache.files[s]]))
+    # An unknown split counts 0 here: read_cached names it in its error.
+    return sum(info.size or 0 for info in fs.get_file_info([f"{base}/{k}" for s in splits for k in cache.files.get(s, ())]))
 
 
 def _trial_columns(cache: FeatureCache, split: str) -> list[str]:

@@ -15,6 +15,7 @@ from ray.util.state import list_actors, list_tasks
 
 from heimdall.catalog import open_catalog
 from heimdall.datasets import generate_dataset
+from heimdall.errors import ConfigError
 from heimdall.features import FeatureConfig
 from heimdall.store import LocalStore
 from tuning.data.pipeline import FeatureCache, ensure_feature_cache, study_datasets
@@ -106,3 +107,9 @@ def test_a_cache_too_large_for_the_object_store_is_streamed_by_each_trial(built:
     assert not any(isinstance(d, MaterializedDataset) for d in datasets.values())
     assert datasets["val"].count() == cache.counts["val"]
 
+
+
+def test_an_unknown_split_is_named_in_the_error(built: tuple[LocalStore, FeatureCache]) -> None:
+    store, cache = built
+    with pytest.raises(ConfigError, match="'tests'"):
+        study_datasets(cache, store, ("val", "tests"))
