@@ -104,7 +104,7 @@ def test_an_old_format_checkpoint_is_refused_with_the_fix(tmp_path: Path) -> Non
     path = tmp_path / "old.ckpt"
     torch.save({"hyper_parameters": {**dict(module.hparams), "optimizer_config": OptimizerConfig()},
                 "state_dict": module.state_dict()}, path)
-    with pytest.raises(CheckpointError, match=r"\(heimdall\.module\.OptimizerConfig\).*older Heimdall version.*"
+    with pytest.raises(CheckpointError, match=r"\(heimdall\.optimizer\.OptimizerConfig\).*older Heimdall version.*"
                                               r"fix: re-train it \(python -m tuning\.train\) or re-run the study"):
         LocalizationModule.from_checkpoint(path)
 
