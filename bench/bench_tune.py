@@ -182,8 +182,8 @@ class _Rows(torch.utils.data.Dataset):
 class _ReportAndStop(pl.Callback):
     """Reports the objective to the Optuna trial each epoch and stops it when the pruner says so."""
 
-    def __init__(self, trial: optuna.Trial, metric: str, prune: bool) -> None:
-        self.trial, self.metric, self.prune = trial, metric, prune
+    def __init__(self, trial: optuna.Trial, metric: str, prune: bool, skip: int = 0) -> None:
+        self.trial, self.metric, self.prune, self.skip = trial, metric, prune, skip
         self.values: list[float] = []
         self.pruned = False
 
@@ -191,7 +191,10 @@ class _ReportAndStop(pl.Callback):
         value = float(trainer.callback_metrics.get(self.metric, float("nan")))
         value = value if math.isfinite(value) else 1e9
         self.values.append(value)
-        self.trial.report(value, len(self.values))
+        step = len(self.values) - self.skip  # the first `skip` epochs are not shown to the pruner
+        if step < 1:
+            return
+        self.trial.report(value, step)
         if self.prune and self.trial.should_prune():
             trainer.should_stop = self.pruned = True
 
@@ -230,10 +233,12 @@ class SearchRun:
 class Variant:
     """A TPE + ASHA search to compare with random search: its sampler options, ASHA's first rung, warm start.
 
-    Written ``SAMPLER[+warm][/gGRACE][/sSTARTUP]``: SAMPLER is ``study`` (the study's own sampler,
+    Written ``SAMPLER[+warm][/gGRACE][/sSTARTUP][/nll]``: SAMPLER is ``study`` (the study's own sampler,
     :func:`tuning.study.tune.make_sampler`), ``uni`` (univariate TPE) or ``mv`` (multivariate TPE
     with grouped conditional parameters); ``+warm`` warm-starts from another seed's random search;
-    ``g`` and ``s`` default to ``--grace`` and ``--startup``.
+    ``g`` and ``s`` default to ``--grace`` and ``--startup``; ``nll``: ASHA's rungs count only the
+    epochs after a trial's MSE warm-up (``loss.mse_warmup_epochs``), so no trial is judged while it
+    still fits the mean by MSE (its warm-up epochs are neither reported nor prunable).
     """
 
     text: str
@@ -241,6 +246,7 @@ class Variant:
     warm: bool
     grace: int
     startup: int
+    nll_rungs: bool = False
 
     SAMPLERS = {"study": {}, "uni": {"multivariate": False}, "mv": {"multivariate": True, "group": True}}
 
@@ -250,11 +256,13 @@ class Variant:
         sampler, warm = head.removesuffix("+warm"), head.endswith("+warm")
         if sampler not in cls.SAMPLERS:
             raise argparse.ArgumentTypeError(f"variant {text!r}: sampler must be one of {sorted(cls.SAMPLERS)}")
-        for opt in opts:
+        nll_rungs = "nll" in opts
+        for opt in (o for o in opts if o != "nll"):
             if opt[:1] not in ("g", "s") or not opt[1:].isdigit() or int(opt[1:]) < 1:
-                raise argparse.ArgumentTypeError(f"variant {text!r}: options are gN (grace) and sN (startup), N >= 1")
+                raise argparse.ArgumentTypeError(
+                    f"variant {text!r}: options are gN (grace), sN (startup), N >= 1, and nll")
             grace, startup = (int(opt[1:]), startup) if opt[0] == "g" else (grace, int(opt[1:]))
-        return cls(text, sampler, warm, grace, startup)
+        return cls(text, sampler, warm, grace, startup, nll_rungs)
 
 
 #: Parameters that set a trial's epoch cost (model size, batch size), reported by configuration.
@@ -263,8 +271,11 @@ COST_PARAMS = ("model.stage_depths", "model.width", "model.kernel_size", "model.
 
 
 def _train_one(trial: optuna.Trial, space: Any, cache: FeatureCache, data: dict, args: argparse.Namespace,
-               prune: bool, seed: int | None = None) -> tuple[int, float, float, float, bool]:
+               prune: bool, seed: int | None = None,
+               nll_rungs: bool = False) -> tuple[int, float, float, float, bool]:
     """Train one trial in this process; returns (epochs, wall seconds, CPU seconds, last objective value, pruned).
+
+    ``nll_rungs``: the pruner sees only the epochs after the trial's MSE warm-up (see :class:`Variant`).
 
     Weights and batch order are seeded with ``seed``, by default the trial's number.
 
@@ -279,7 +290,8 @@ def _train_one(trial: optuna.Trial, space: Any, cache: FeatureCache, data: dict,
     pl.seed_everything(seed, verbose=False)
     module = LocalizationModule(build_model(configs.arch, configs.model), configs.loss, configs.optimizer,
                                 cache.target_scaling, cache.feature_config)
-    report = _ReportAndStop(trial, OBJECTIVES["nll"].metric, prune)
+    report = _ReportAndStop(trial, OBJECTIVES["nll"].metric, prune,
+                            skip=configs.loss.mse_warmup_epochs if nll_rungs else 0)
     trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          callbacks=[report])
@@ -315,7 +327,8 @@ def _search(seed: int, space: Any, cache: FeatureCache, data: dict, args: argpar
     while len(run.values) < args.trials if variant is None else (
             sum(run.cpu) < cpu_budget and (not run.values or run.best() > target)):
         trial = study.ask()
-        epochs, secs, cpu, value, pruned = _train_one(trial, space, cache, data, args, prune=variant is not None)
+        epochs, secs, cpu, value, pruned = _train_one(trial, space, cache, data, args, prune=variant is not None,
+                                                      nll_rungs=variant is not None and variant.nll_rungs)
         if pruned:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)  # value: its last intermediate value
         else:
@@ -458,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs before ASHA may stop a trial (the study's --grace-period) [%(default)s]")
     b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     b.add_argument("--variants", nargs="+", default=["study", "study+warm"],
-                   help="TPE+ASHA searches, SAMPLER[+warm][/gGRACE][/sSTARTUP] (see Variant) [%(default)s]")
+                   help="TPE+ASHA searches, SAMPLER[+warm][/gGRACE][/sSTARTUP][/nll] (see Variant) [%(default)s]")
     b.add_argument("--report-trials", type=int, nargs="+",
                    help="also compare with the best of random search's first N trials (default: --trials)")
     b.add_argument("--reseed", type=int, default=0, metavar="K",
