@@ -50,7 +50,7 @@ from heimdall.scene import GeneratorConfig
 from heimdall.store import BlobStore, open_store
 from tuning.console import LOG_NAME, quiet_console
 from tuning.data.describe import baseline_reports
-from tuning.data.pipeline import FeatureCache, ensure_feature_cache, load_cached_split, study_datasets
+from tuning.data.pipeline import FeatureCache, ensure_feature_cache, load_cached_split, materialises, study_datasets
 from tuning.release.registry import StudyRecord
 from tuning.release.stage import ExportRequest, RegistrySettings, export_and_register, retry_command, trial_records
 from tuning.settings import (
@@ -256,9 +256,11 @@ def _dataset_info(catalog: Catalog, name: str) -> DatasetInfo | None:
 
 
 def describe_plan(config: StudyConfig, space: SearchSpace, where: RunSettings, info: DatasetInfo | None,
-                  plan: ResourcePlan, *, resume: bool, registry: RegistrySettings | None = None) -> str:
+                  plan: ResourcePlan, *, resume: bool, registry: RegistrySettings | None = None,
+                  without_reads: ResourcePlan | None = None) -> str:
     """The study as it will run, one setting per line (``info`` None: the dataset will be generated;
-    ``registry`` None: no export stage)."""
+    ``registry`` None: no export stage; ``without_reads``: the plan should the features fit in the
+    object store, shown where it runs more trials at once than ``plan``)."""
     o = config.objective_spec
     if info is None:
         data = f"{config.dataset!r} absent: will generate {config.dataset_recordings} recordings (seed {config.dataset_seed})"
@@ -278,7 +280,10 @@ def describe_plan(config: StudyConfig, space: SearchSpace, where: RunSettings, i
         ("trials", f"{config.trials} x up to {config.max_epochs} epochs; ASHA grace {config.grace_period} epoch(s), "
                    f"reduction {config.reduction_factor}; time budget {budget}; seed {config.seed}"),
         ("workers", f"{config.workers_per_trial} per trial x {config.cpus_per_worker:g} CPU"
-                    + (f" + {config.gpus_per_worker:g} GPU" if config.gpus_per_worker else "") + f"; {plan.describe()}"),
+                    + (f" + {config.gpus_per_worker:g} GPU" if config.gpus_per_worker else "") + f"; {plan.describe()}"
+                    + (f"; {without_reads.max_concurrent} at a time if the features fit in the object store "
+                       "(known once they are cached: the trials then read nothing)"
+                       if without_reads and without_reads.max_concurrent > plan.max_concurrent else "")),
         ("catalogue", describe_url(where.data.catalog_url)),
         ("store", describe_url(where.data.store_url)),
         ("optuna", describe_url(where.places.optuna_url)),
@@ -439,17 +444,22 @@ def run_study(config: StudyConfig, space: SearchSpace, where: RunSettings, conn:
     out_dir = where.places.output_root / config.name
     started_ray = start_ray(where.places.ray_address, verbose)
     try:
-        # The one plan, from the cluster that runs the study (Ray is up now).
-        plan = plan_study(config, ray.cluster_resources())
+        # The plan, from the cluster that runs the study (Ray is up now); whether the trials read their
+        # data is known once the features are cached (below), so this first plan assumes they do.
+        resources = ray.cluster_resources()
+        plan = plan_study(config, resources)
         print("Heimdall Tune: plan\n" + describe_plan(config, space, where, conn.dataset, plan, resume=resume,
-                                                     registry=conn.registry))
+                                                     registry=conn.registry,
+                                                     without_reads=plan_study(config, resources, reads=False)))
         info = ensure_dataset(conn, config)
         split = SplitConfig()
         # An imported dataset carries its stations' offsets; they enter the features (and the cache key).
         cache = ensure_feature_cache(conn.catalog, conn.store, config.dataset, feature_config_for(info.config), split=split)
         spec = TrialSpec(config, space, train_storage=conn.runs.train_path(config.name),
                          storage_filesystem=conn.runs.filesystem)
-        # Read once here, shared by every trial (the blocks go with this driver; --resume reads them again).
+        # Read once here, shared by every trial (the blocks go with this driver; --resume reads them again);
+        # then the trials start no reads, and the plan gives them no CPU for it.
+        plan = plan_study(config, resources, reads=not materialises(cache, conn.store))
         trainable = make_trainable(spec, study_datasets(cache, conn.store, seed=config.seed), cache, plan)
         print(f"study:     {plan.describe()}; experiment at {conn.runs.experiment_path(config.name)}")
         if resume:
@@ -789,7 +799,8 @@ def dry_run(config: StudyConfig, space: SearchSpace, where: RunSettings, *, resu
     check.raise_problems()
     plan = plan_study(config, resources)
     print("Heimdall Tune: plan\n" + describe_plan(config, space, where, dataset[0], plan, resume=resume,
-                                                            registry=registry if export else None))
+                                                            registry=registry if export else None,
+                                                            without_reads=plan_study(config, resources, reads=False)))
     print("\n" + "\n".join(f"  {f.what:14s} {f.state:9s} {f.detail}" for f in check.findings))
     print("\n" + space_summary(space))
     print("\n" + check.summary())

@@ -65,10 +65,17 @@ def test_calibrated_objective_adds_a_penalty_only_outside_the_band() -> None:
     assert OBJECTIVES["calibrated"].metric == "val/calibrated_nll"
 
 
-def test_two_cores_run_one_trial_at_a_time_and_leave_cpus_for_data() -> None:
+def test_two_cores_run_one_reading_trial_at_a_time_and_two_that_do_not_read() -> None:
     plan = plan_resources(2.0, workers_per_trial=1, cpus_per_worker=1.0, trials=12)
     assert plan.max_concurrent == 1
     assert plan.trial_cpus <= 2.0 and plan.data_cpus == DATA_CPUS_PER_TRIAL
+    assert "+ 0.5 CPU for Ray Data reads" in plan.describe()
+    # Features in the object store: no reads during the trials, so both cores train.
+    unread = plan_resources(2.0, workers_per_trial=1, cpus_per_worker=1.0, trials=12, data_cpus=0.0)
+    assert (unread.max_concurrent, unread.trial_cpus) == (2, 1.0)
+    assert "no reads (features in the object store)" in unread.describe(), unread.describe()
+    # The trial function reserves no CPU: Tune's bundle holds memory only, so Ray fits 2 x 1 CPU on 2.
+    assert unread.trial_resources().required_resources.get("CPU", 0) == 0
     assert plan_resources(16.0, 1, 1.0, trials=12).max_concurrent == 10
     assert plan_resources(16.0, 1, 1.0, trials=3).max_concurrent == 3
     assert plan_resources(16.0, 1, 1.0, trials=12, max_concurrent=4).max_concurrent == 4

@@ -64,6 +64,7 @@ __all__ = [
     "load_cached_split",
     "read_cached",
     "MATERIALIZE_SHARE",
+    "materialises",
     "cached_bytes",
     "study_datasets",
     "trial_datasets",
@@ -689,18 +690,27 @@ def study_datasets(
         ConfigError: an unknown split name.
         DataError: a requested split is empty.
     """
-    import ray
     from ray.data import RandomSeedConfig
 
-    if object_store_bytes is None:
-        object_store_bytes = ray.cluster_resources().get("object_store_memory", 0)
-    if cached_bytes(cache, store, splits) > MATERIALIZE_SHARE * object_store_bytes:
+    if not materialises(cache, store, splits, object_store_bytes=object_store_bytes):
         return trial_datasets(cache, store, splits, seed=seed, read_num_cpus=read_num_cpus)
     out = {}
     for s in splits:
         ds = read_cached(cache, store, s, read_num_cpus=read_num_cpus, columns=_trial_columns(cache, s)).materialize()
         out[s] = ds.randomize_block_order(seed=RandomSeedConfig(seed=seed)) if s == "train" else ds
     return out
+
+
+def materialises(cache: FeatureCache, store: BlobStore, splits: Sequence[str] = ("train", "val"), *,
+                 object_store_bytes: float | None = None) -> bool:
+    """Whether :func:`study_datasets` puts these splits in the object store (then the trials start no
+    read task: the resource plan gives them no CPU for reads): their cache files fit in
+    :data:`MATERIALIZE_SHARE` of ``object_store_bytes`` (default: the cluster's, all nodes; Ray is up)."""
+    if object_store_bytes is None:
+        import ray
+
+        object_store_bytes = ray.cluster_resources().get("object_store_memory", 0)
+    return cached_bytes(cache, store, splits) <= MATERIALIZE_SHARE * object_store_bytes
 
 
 def cached_bytes(cache: FeatureCache, store: BlobStore, splits: Sequence[str] = ("train", "val")) -> int:

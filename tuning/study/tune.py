@@ -101,10 +101,14 @@ __all__ = [
     "StudyProgress",
 ]
 
-#: CPU share Tune reserves for each trial function: it only waits on its TorchTrainer.
-TRIAL_FUNCTION_CPUS = 0.01
+#: What Tune reserves for each trial function, which only waits on its TorchTrainer: memory, no CPU
+#: (a placement group bundle cannot be empty, and a CPU sliver would keep two one-CPU trials off
+#: two CPUs). A logical reservation: Ray does not enforce it; the process holds ~400 MB.
+TRIAL_FUNCTION_MEMORY = 256 * 2**20
 #: CPUs per trial for its Ray Data read tasks (tuning.data.pipeline runs at most READ_CONCURRENCY at
-#: once), counted in the plan but not reserved (see ResourcePlan).
+#: once), counted in the plan but not reserved (see ResourcePlan), and only when the trials read:
+#: a study whose features are materialised in the object store (tuning.data.pipeline.study_datasets)
+#: starts no read task during its trials.
 DATA_CPUS_PER_TRIAL = READ_CONCURRENCY * READ_NUM_CPUS
 #: How long a trial's Train run waits for its worker group's resources (Ray's default is
 #: 60 s). After a node is lost, trials whose workers no longer fit wait for running ones
@@ -551,16 +555,19 @@ def check_resumable(runs: RunStorage, name: str) -> None:
 class ResourcePlan:
     """How a study uses the cluster's CPUs and GPUs.
 
-    A trial reserves a sliver of CPU for its trial function (Tune's placement
-    group; the TorchTrainer's controller, 0 CPU, lands there too) and its Train
-    workers' CPUs and GPUs (Train's own placement group, :attr:`worker_cpus`,
-    :attr:`worker_gpus`). Its Ray Data read tasks run outside both: Train's
-    dataset manager is pinned to a node by affinity and Ray Data schedules its
-    tasks with SPREAD, so a CPU bundle reserved for them would never be used,
-    and reads that find every CPU reserved wait forever (seen after a node
-    loss). So :attr:`data_cpus` per trial is left *unreserved*:
-    :func:`plan_resources` counts it when it sizes the trials run at once, and
-    it stays free for the reads.
+    A trial reserves memory, no CPU, for its trial function (Tune's placement
+    group, :data:`TRIAL_FUNCTION_MEMORY`; the TorchTrainer's controller, 0 CPU,
+    lands there too) and its Train workers' CPUs and GPUs (Train's own
+    placement group, :attr:`worker_cpus`, :attr:`worker_gpus`). When the trials
+    read their data (features not materialised in the object store), the Ray
+    Data read tasks run outside both: Train's dataset manager is pinned to a
+    node by affinity and Ray Data schedules its tasks with SPREAD, so a CPU
+    bundle reserved for them would never be used, and reads that find every
+    CPU reserved wait forever (seen after a node loss). So :attr:`data_cpus`
+    per trial is left *unreserved*: :func:`plan_resources` counts it when it
+    sizes the trials run at once, and it stays free for the reads. A study
+    whose features are in the object store has no reads during its trials
+    (``data_cpus`` 0): on 2 CPUs, two one-CPU trials run at once.
 
     Ray packs fractional GPUs per device: workers of 0.25 GPU put four on one
     GPU, workers of 0.3 only three (a worker never spans two GPUs).
@@ -568,7 +575,7 @@ class ResourcePlan:
     Attributes:
         cluster_cpus: CPUs in the cluster.
         worker_cpus: CPUs of one trial's Train workers.
-        data_cpus: CPUs one trial's Ray Data reads need, left unreserved.
+        data_cpus: CPUs one trial's Ray Data reads need, left unreserved (0: the trials do not read).
         max_concurrent: trials running at once.
         cluster_gpus: GPUs in the cluster.
         worker_gpus: GPUs of one trial's Train workers (0: the trial trains on CPUs).
@@ -587,8 +594,8 @@ class ResourcePlan:
 
     @property
     def trial_cpus(self) -> float:
-        """Everything one trial uses: reserved (function, workers) and not (reads)."""
-        return TRIAL_FUNCTION_CPUS + self.data_cpus + self.worker_cpus
+        """The CPUs one trial uses: reserved (workers) and not (reads)."""
+        return self.data_cpus + self.worker_cpus
 
     @property
     def workers_per_gpu(self) -> int:
@@ -596,14 +603,15 @@ class ResourcePlan:
         return int(1 / self.gpus_per_worker + 1e-9) if self.gpus_per_worker > 0 else 0
 
     def trial_resources(self) -> tune.PlacementGroupFactory:
-        """The trial function's placement group: one sliver (the reads' CPUs stay unreserved)."""
-        return tune.PlacementGroupFactory([{"CPU": TRIAL_FUNCTION_CPUS}])
+        """The trial function's placement group: memory only (the reads' CPUs stay unreserved)."""
+        return tune.PlacementGroupFactory([{"memory": TRIAL_FUNCTION_MEMORY}])
 
     def describe(self) -> str:
         """One line for the plan, e.g. ``4 trial(s) at a time on 8 CPUs, 1 GPU(s) (per trial: 1 CPU of Train
-        workers + 0.5 CPU for Ray Data, 0.25 GPU (4 trials share a GPU)); bound by GPUs``."""
+        workers + 0.5 CPU for Ray Data reads, 0.25 GPU (4 trials share a GPU)); bound by GPUs``."""
         gpus = f", {self.cluster_gpus:g} GPU(s)" if self.worker_gpus else ""
-        per_trial = f"{self.worker_cpus:g} CPU of Train workers + {self.data_cpus:g} CPU for Ray Data"
+        per_trial = f"{self.worker_cpus:g} CPU of Train workers + " + (
+            f"{self.data_cpus:g} CPU for Ray Data reads" if self.data_cpus else "no reads (features in the object store)")
         if self.worker_gpus:
             workers = round(self.worker_gpus / self.gpus_per_worker)
             share = f" ({self.workers_per_gpu // workers} trials share a GPU)" if self.workers_per_gpu >= 2 * workers else ""
@@ -614,12 +622,12 @@ class ResourcePlan:
 
 def plan_resources(cluster_cpus: float, workers_per_trial: int, cpus_per_worker: float, trials: int,
                    max_concurrent: int | None = None, *, cluster_gpus: float = 0.0,
-                   gpus_per_worker: float = 0.0) -> ResourcePlan:
+                   gpus_per_worker: float = 0.0, data_cpus: float = DATA_CPUS_PER_TRIAL) -> ResourcePlan:
     """Size the trials run at once so every trial's workers (CPUs and GPUs) and data tasks fit at once.
 
-    Concurrency is the least of what the CPUs allow (each trial's workers, reads
-    and trial function), what the GPUs allow (workers packed
-    ``floor(1 / gpus_per_worker)`` to a GPU), ``max_concurrent`` and ``trials``.
+    Concurrency is the least of what the CPUs allow (each trial's workers and
+    reads), what the GPUs allow (workers packed ``floor(1 / gpus_per_worker)``
+    to a GPU), ``max_concurrent`` and ``trials``.
 
     Args:
         cluster_cpus: the CPUs of the cluster that runs the study, ``ray.cluster_resources()["CPU"]``
@@ -630,6 +638,7 @@ def plan_resources(cluster_cpus: float, workers_per_trial: int, cpus_per_worker:
         max_concurrent: an upper bound set by the user (None: as many as fit).
         cluster_gpus: the cluster's GPUs, ``ray.cluster_resources()["GPU"]``.
         gpus_per_worker: GPUs per worker in [0, 1] (0: CPU trials).
+        data_cpus: CPUs per trial for its Ray Data reads (0: the features are in the object store).
 
     Returns:
         The plan.
@@ -638,16 +647,16 @@ def plan_resources(cluster_cpus: float, workers_per_trial: int, cpus_per_worker:
         ConfigError: one trial does not fit in the cluster (CPUs, GPUs or both), with the fix.
     """
     plan = ResourcePlan(cluster_cpus=cluster_cpus, worker_cpus=workers_per_trial * cpus_per_worker,
-                        data_cpus=DATA_CPUS_PER_TRIAL, max_concurrent=1, cluster_gpus=cluster_gpus,
+                        data_cpus=data_cpus, max_concurrent=1, cluster_gpus=cluster_gpus,
                         worker_gpus=workers_per_trial * gpus_per_worker, gpus_per_worker=gpus_per_worker)
     problems = []
     if plan.trial_cpus > cluster_cpus + 1e-9:
         # The rule, with every term shown: the sum must add up on screen, and the fix must be a valid value.
-        overhead = TRIAL_FUNCTION_CPUS + DATA_CPUS_PER_TRIAL
+        overhead = data_cpus
         room = math.floor((cluster_cpus - overhead) / workers_per_trial * 100) / 100
-        need = (f"a trial needs --workers-per-trial {workers_per_trial} x --cpus-per-worker {cpus_per_worker:g} "
-                f"+ {DATA_CPUS_PER_TRIAL:g} CPU for its Ray Data reads + {TRIAL_FUNCTION_CPUS:g} CPU for its trial "
-                f"function = {plan.trial_cpus:.2f} CPUs, more than the cluster's {cluster_cpus:g}")
+        reads = f" + {data_cpus:g} CPU for its Ray Data reads" if data_cpus else ""
+        need = (f"a trial needs --workers-per-trial {workers_per_trial} x --cpus-per-worker {cpus_per_worker:g}"
+                f"{reads} = {plan.trial_cpus:.2f} CPUs, more than the cluster's {cluster_cpus:g}")
         bigger = "a cluster with more CPUs (each worker's CPUs must also fit on one node)"
         if room > 0:
             fewer = " (or fewer --workers-per-trial)" if workers_per_trial > 1 else ""
@@ -678,11 +687,13 @@ def plan_resources(cluster_cpus: float, workers_per_trial: int, cpus_per_worker:
     return replace(plan, max_concurrent=max(1, concurrent), bound_by=bound)
 
 
-def plan_study(config: StudyConfig, resources: Mapping[str, float]) -> ResourcePlan:
-    """:func:`plan_resources` for ``config`` on a cluster of ``resources`` (``ray.cluster_resources()``)."""
+def plan_study(config: StudyConfig, resources: Mapping[str, float], *, reads: bool = True) -> ResourcePlan:
+    """:func:`plan_resources` for ``config`` on a cluster of ``resources`` (``ray.cluster_resources()``);
+    ``reads``: whether the trials read their data (False when the features are materialised in the
+    object store, :func:`tuning.data.pipeline.materialises`)."""
     return plan_resources(float(resources.get("CPU", 0.0)), config.workers_per_trial, config.cpus_per_worker,
                           config.trials, config.max_concurrent, cluster_gpus=float(resources.get("GPU", 0.0)),
-                          gpus_per_worker=config.gpus_per_worker)
+                          gpus_per_worker=config.gpus_per_worker, data_cpus=DATA_CPUS_PER_TRIAL if reads else 0.0)
 
 
 # -- the tuner -------------------------------------------------------------------------------
@@ -966,7 +977,8 @@ class ClusterLimiter(ConcurrencyLimiter):
         super().__init__(searcher, max_concurrent=min(config.trials, config.max_concurrent or config.trials))
         self.demand = {"workers_per_trial": config.workers_per_trial, "cpus_per_worker": config.cpus_per_worker,
                        "gpus_per_worker": config.gpus_per_worker, "trials": config.trials,
-                       "max_concurrent": config.max_concurrent}
+                       "max_concurrent": config.max_concurrent,
+                       "data_cpus": plan.data_cpus if plan else DATA_CPUS_PER_TRIAL}
         self.cluster = {"CPU": plan.cluster_cpus, "GPU": plan.cluster_gpus} if plan else {}
         self.read_cluster, self.check_s = read_cluster, check_s
         self.checked_at: float | None = None
@@ -977,7 +989,9 @@ class ClusterLimiter(ConcurrencyLimiter):
         try:
             limit = plan_resources(float(resources.get("CPU", 0.0)), d["workers_per_trial"], d["cpus_per_worker"],
                                    d["trials"], d["max_concurrent"], cluster_gpus=float(resources.get("GPU", 0.0)),
-                                   gpus_per_worker=d["gpus_per_worker"]).max_concurrent
+                                   gpus_per_worker=d["gpus_per_worker"],
+                                   # (a limiter saved before the plan knew about reads has no data_cpus)
+                                   data_cpus=d.get("data_cpus", DATA_CPUS_PER_TRIAL)).max_concurrent
         except ConfigError:
             limit = 1  # nothing fits now: one trial waits for a node (and shows an autoscaler the demand)
         seen = {k: float(resources.get(k, 0.0)) for k in ("CPU", "GPU")}

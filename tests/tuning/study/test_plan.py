@@ -81,7 +81,7 @@ print(json.dumps(found))
 def test_quarter_gpus_pack_eight_trials_on_two_gpus_and_ray_places_exactly_those(gpu_head: LocalCluster) -> None:
     found = _on_cluster(gpu_head, PLACE)
     quarter, third = found["0.25"], found["0.3"]
-    # 16 CPUs fit 10 trials of 1.51 CPU; 2 GPUs hold 4 workers of 0.25 each: 8, bound by GPUs.
+    # 16 CPUs fit 10 trials of 1.5 CPU (1 for the worker, 0.5 for reads); 2 GPUs hold 4 workers of 0.25 each: 8, bound by GPUs.
     assert (quarter["plan"], quarter["bound"], quarter["placed"], quarter["extra"]) == (8, "GPUs", 8, False), quarter
     assert "8 trial(s) at a time on 16 CPUs, 2 GPU(s)" in quarter["line"]
     assert "0.25 GPU (4 trials share a GPU)" in quarter["line"], quarter["line"]
@@ -92,7 +92,7 @@ def test_quarter_gpus_pack_eight_trials_on_two_gpus_and_ray_places_exactly_those
 def test_cpus_bound_gpu_trials_when_the_cpus_run_out_first() -> None:
     resources = {"CPU": float(HEAD_CPUS), "GPU": float(HEAD_GPUS)}
     plan = plan_study(StudyConfig(name="p", trials=12, gpus_per_worker=0.25, cpus_per_worker=4.0), resources)
-    assert (plan.max_concurrent, plan.bound_by) == (3, "CPUs")  # 16 // 4.51; the GPUs would fit 8
+    assert (plan.max_concurrent, plan.bound_by) == (3, "CPUs")  # 16 // 4.5; the GPUs would fit 8
     whole = plan_study(StudyConfig(name="p", trials=12, gpus_per_worker=1.0, workers_per_trial=2), resources)
     assert (whole.max_concurrent, whole.bound_by, whole.worker_gpus) == (1, "GPUs", 2.0)
     assert plan_study(StudyConfig(name="p", trials=12, gpus_per_worker=0.25, max_concurrent=5),
@@ -151,7 +151,7 @@ def test_cluster_limiter_follows_the_cluster_between_suggestions(capsys: pytest.
     assert limiter.suggest("a") is not None
     assert limiter.suggest("b") is None  # 2 CPUs fit one trial
     assert capsys.readouterr().out == ""  # the cluster of the plan: nothing new to say
-    cluster["CPU"] = 5.0  # a node joined: 3 trials of 1.51 CPU fit
+    cluster["CPU"] = 5.0  # a node joined: 3 trials of 1.5 CPU fit
     assert limiter.suggest("b") is not None and limiter.suggest("c") is not None
     assert capsys.readouterr().out == "cluster:   now 5 CPUs: up to 3 trial(s) at a time\n"
     cluster["CPU"] = 16.0  # fits 10, but --max-concurrent 3 bounds it
@@ -165,3 +165,15 @@ def test_cluster_limiter_follows_the_cluster_between_suggestions(capsys: pytest.
     cluster["CPU"] = 0.0  # nothing fits: one trial may still wait for a node (an autoscaler's demand)
     limiter.on_trial_complete("d", {"m": 1.0})
     assert limiter.follow_cluster(cluster) == 1
+
+
+def test_cluster_limiter_keeps_the_plans_reads_when_it_replans() -> None:
+    searcher = OptunaSearch(space={"x": optuna.distributions.FloatDistribution(0.0, 1.0)}, metric="m", mode="min")
+    config = StudyConfig(name="p", trials=8)
+    unread = ClusterLimiter(searcher, config, plan_study(config, {"CPU": 2.0}, reads=False), check_s=0.0)
+    assert unread.follow_cluster({"CPU": 2.0}) == 2 and unread.follow_cluster({"CPU": 5.0}) == 5
+    reading = ClusterLimiter(searcher, config, plan_study(config, {"CPU": 2.0}), check_s=0.0)
+    assert reading.follow_cluster({"CPU": 2.0}) == 1 and reading.follow_cluster({"CPU": 5.0}) == 3
+    # A limiter saved before the plan knew about reads (a resumed study) plans with them, as it did.
+    del reading.demand["data_cpus"]
+    assert reading.follow_cluster({"CPU": 2.0}) == 1

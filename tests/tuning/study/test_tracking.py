@@ -79,8 +79,9 @@ def _study(tmp_path: Path, name: str, extra: list[str]) -> tuple[int, MidStudy, 
 
     uri = next((extra[i + 1] for i, a in enumerate(extra) if a == "--mlflow-uri"), f"sqlite:///{tmp_path / 'mlflow.db'}")
     probe = MidStudy(uri, name)
+    # One trial at a time (2 CPUs would run both at once): trial 0 has its 2 epochs when trial 1 starts.
     code = main(["--smoke-test", "--recordings", "64", "--dataset", "tiny", "--trials", "2", "--max-epochs", "2",
-                 "--name", name, "--data-dir", str(tmp_path), *extra], callbacks=[probe])
+                 "--max-concurrent", "1", "--name", name, "--data-dir", str(tmp_path), *extra], callbacks=[probe])
     summary_path = tmp_path / "studies" / name / "summary.json"
     return code, probe, json.loads(summary_path.read_text()) if summary_path.is_file() else {}
 
