@@ -467,10 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--trials", type=int, default=8, help="random-search trials (x --epochs each)")
     b.add_argument("--startup", type=int, default=StudyConfig(name="x").tpe_startup_trials,
                    help="TPE's random startup trials (the study's) [%(default)s]")
-    b.add_argument("--grace", type=int, default=StudyConfig(name="x").grace_period,
-                   help="epochs before ASHA may stop a trial (the study's --grace-period) [%(default)s]")
+    b.add_argument("--grace", type=int, default=StudyConfig(name="x").first_rung,
+                   help="epochs before ASHA may stop a trial; NLL epochs in a /nll variant (the study's "
+                        "--grace-period) [%(default)s]")
     b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    b.add_argument("--variants", nargs="+", default=["study", "study+warm"],
+    b.add_argument("--variants", nargs="+", default=["study/nll", "study+warm/nll"],  # the study's rung rule
                    help="TPE+ASHA searches, SAMPLER[+warm][/gGRACE][/sSTARTUP][/nll] (see Variant) [%(default)s]")
     b.add_argument("--report-trials", type=int, nargs="+",
                    help="also compare with the best of random search's first N trials (default: --trials)")

@@ -277,7 +277,8 @@ def describe_plan(config: StudyConfig, space: SearchSpace, where: RunSettings, i
         ("objective", f"{o.metric} ({o.mode}): {o.description}" if len(config.objectives) == 1 else
          f"Pareto front of {' and '.join(f'{x.metric} ({x.mode})' for x in config.objectives)}; {o.metric} drives "
          f"ASHA; export: best {o.metric} on the front, {bound}"),
-        ("trials", f"{config.trials} x up to {config.max_epochs} epochs; ASHA grace {config.grace_period} epoch(s), "
+        ("trials", f"{config.trials} x up to {config.max_epochs} epochs; ASHA grace {config.first_rung} epoch(s) after "
+                   f"the MSE warm-up, "
                    f"reduction {config.reduction_factor}; time budget {budget}; seed {config.seed}"),
         ("workers", f"{config.workers_per_trial} per trial x {config.cpus_per_worker:g} CPU"
                     + (f" + {config.gpus_per_worker:g} GPU" if config.gpus_per_worker else "") + f"; {plan.describe()}"

@@ -92,6 +92,9 @@ class LiveTracking(tune.Callback):
         self._experiment_id: str | None = None
         self._parent: str | None = None
         self._runs: dict[str, str] = {}  # trial id -> run id, found again by tag after unpickling
+        # trial id -> last epoch logged by this driver (after a driver restart, the one epoch a
+        # resumed trial reports again may be logged twice at the same step)
+        self._logged: dict[str, int] = {}
         self._off = False
 
     def __getstate__(self) -> dict[str, Any]:
@@ -124,6 +127,10 @@ class LiveTracking(tune.Callback):
         metrics = epoch_metrics(result)
         if epoch is None or not metrics:
             return
+        # A resumed trial reports its checkpoint's epoch again (tuning.study.worker.TrialMetrics): once per epoch.
+        if int(epoch) <= self._logged.get(trial.trial_id, 0):
+            return
+        self._logged[trial.trial_id] = int(epoch)
         self._guard(lambda: self._connect().log_epoch(self._run_of(trial), metrics, int(epoch)))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -52,6 +52,7 @@ __all__ = [
     "COVERAGE_BAND",
     "COVERAGE_PENALTY",
     "EPOCHS_METRIC",
+    "NLL_EPOCHS_METRIC",
     "OPTUNA_NUMBER_KEY",
     "calibrated_nll",
     "TrialSpec",
@@ -70,9 +71,13 @@ __all__ = [
 COVERAGE_BAND = 0.05
 #: Nats added per unit of coverage outside the band (20: 1 nat per 5 points).
 COVERAGE_PENALTY = 20.0
-#: Epochs completed, counted from 1: ASHA's time axis. Unlike Tune's
-#: ``training_iteration`` it survives a restart of the trial function.
+#: Epochs completed, counted from 1. Unlike Tune's ``training_iteration`` it
+#: survives a restart of the trial function.
 EPOCHS_METRIC = "epochs"
+#: Epochs completed after the trial's MSE warm-up (``loss.mse_warmup_epochs``):
+#: ASHA's time axis, so that no rung judges a trial while it still fits the
+#: mean by MSE (its NLL is not yet comparable with that of a trial training it).
+NLL_EPOCHS_METRIC = "nll_epochs"
 #: Key of the Optuna trial number in every Tune trial config (not a parameter).
 OPTUNA_NUMBER_KEY = "_optuna_number"
 

@@ -56,6 +56,7 @@ from tuning.study.spaces import SearchSpace, to_optuna
 from tuning.study.trial import (
     EPOCHS_METRIC,
     LATENCY_METRIC,
+    NLL_EPOCHS_METRIC,
     OBJECTIVES,
     OPTUNA_NUMBER_KEY,
     Objective,
@@ -126,6 +127,10 @@ TUNE_MAX_FAILURES = 1
 STUDY_FILES = "heimdall"
 #: Largest sampler seed: trial n is seeded with seed + n, and numpy seeds stop at 2**32 - 1.
 MAX_SEED = 2**31 - 1
+#: ASHA's first rung by default: epochs of NLL training (after a trial's MSE warm-up) before a trial
+#: may be stopped. Chosen with bench/bench_tune.py search (docs/benchmarks.md): against a rung of 1,
+#: and against rungs on all epochs, this matched random search's best far more often.
+GRACE_NLL_EPOCHS = 2
 #: Credentials that reach processes only through their own environment, never a runtime env.
 CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
 #: PostgreSQL connect timeout (s): an unreachable server fails fast, not after minutes.
@@ -159,7 +164,9 @@ class StudyConfig:
         gpus_per_worker: GPUs each Train worker reserves, in [0, 1]: 0 trains on CPUs, a fraction
             packs several trials' workers on one GPU (Ray's fractional GPUs).
         precision: Lightning's training precision (:data:`heimdall.devices.PRECISIONS`).
-        grace_period: epochs every trial runs before ASHA may stop it (>= 1).
+        grace_period: epochs every trial trains the NLL (after its MSE warm-up) before ASHA may
+            stop it, >= 1 and <= ``max_epochs`` (None: :data:`GRACE_NLL_EPOCHS`, or ``max_epochs``
+            if fewer; :attr:`first_rung` is the value in use).
         reduction_factor: ASHA keeps the best 1/reduction_factor at each rung.
         max_failures: Train worker-group restarts per trial (finite).
         tpe_startup_trials: random trials before TPE models the results.
@@ -204,8 +211,9 @@ class StudyConfig:
     precision: str = field(default=DEFAULT_PRECISION, metadata=setting(
         "numeric precision of training (Lightning's): 32, bf16-mixed or 16-mixed (GPU only) [{default}]",
         choices=PRECISIONS))
-    grace_period: int = field(default=1, metadata=setting(
-        "epochs every trial runs before ASHA may stop it [{default}]", type=positive_int))
+    grace_period: int | None = field(default=None, metadata=setting(
+        "epochs every trial trains after its MSE warm-up before ASHA may stop it "
+        f"[{GRACE_NLL_EPOCHS}, or --max-epochs if fewer]", type=positive_int))
     reduction_factor: int = 3
     max_failures: int = 2
     tpe_startup_trials: int = 3
@@ -216,6 +224,14 @@ class StudyConfig:
     warm_start: str | None = field(default=None, metadata=setting(
         "name of an earlier study of the same space and objective, in the same Optuna storage, whose finished "
         "trials TPE starts from (they are not trained again) [none]"))
+
+    @property
+    def first_rung(self) -> int:
+        """ASHA's first rung in NLL epochs: ``grace_period``, by default :data:`GRACE_NLL_EPOCHS` or
+        ``max_epochs`` if fewer."""
+        if self.grace_period is not None:
+            return self.grace_period
+        return min(GRACE_NLL_EPOCHS, self.max_epochs) if isinstance(self.max_epochs, int) else GRACE_NLL_EPOCHS
 
     def __post_init__(self) -> None:
         p: list[str] = []
@@ -237,9 +253,12 @@ class StudyConfig:
                          f"or drop --max-latency-ms")
         for key in ("dataset_recordings", "trials", "max_epochs", "workers_per_trial", "grace_period"):
             value = getattr(self, key)
+            if key == "grace_period" and value is None:
+                continue
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 p.append(f"{key} must be an integer >= 1, got {value!r}")
         if isinstance(self.grace_period, int) and isinstance(self.max_epochs, int) and self.grace_period > self.max_epochs:
+            # (the default, None, follows a smaller --max-epochs: first_rung)
             p.append(f"grace_period ({self.grace_period}) must not exceed max_epochs ({self.max_epochs})")
         if not (isinstance(self.reduction_factor, int) and self.reduction_factor >= 2):
             p.append(f"reduction_factor must be an integer >= 2, got {self.reduction_factor!r}")
@@ -924,16 +943,23 @@ def trial_number(result: Any) -> int | None:
 
 
 def make_scheduler(config: StudyConfig) -> ASHAScheduler:
-    """ASHA on completed epochs (:data:`~tuning.study.trial.EPOCHS_METRIC`), not Tune's iteration count.
+    """ASHA on the epochs a trial trained its NLL (:data:`~tuning.study.trial.NLL_EPOCHS_METRIC`:
+    epochs after its MSE warm-up), not on all epochs nor Tune's iteration count.
 
-    Epochs survive a restarted trial function (it resumes its Train run), so
-    rungs stay correct after a worker failure or ``--resume``. A trial that
-    reaches ``max_epochs`` is left to end by itself (``stop_last_trials=False``)
-    rather than stopped: a stop kills the trial's Train controller while it
-    still shuts its workers down.
+    A trial in its MSE warm-up fits the mean only; its NLL is not comparable
+    with that of a trial already training it, and a rung on all epochs cut the
+    configurations that end best (bench/bench_tune.py search, docs/benchmarks.md:
+    most pruned trials were cut mid-warm-up). Counted this way, every rung
+    compares trials after the same number of NLL epochs, and the first rung
+    (:attr:`StudyConfig.first_rung`, 2 by default) lets a trial show its NLL
+    twice. Epochs survive a restarted trial function (it resumes its Train
+    run), so rungs stay correct after a worker failure or ``--resume``. A trial
+    that reaches ``max_epochs`` is left to end by itself
+    (``stop_last_trials=False``) rather than stopped: a stop kills the trial's
+    Train controller while it still shuts its workers down.
     """
-    return ASHAScheduler(time_attr=EPOCHS_METRIC, max_t=config.max_epochs,
-                         grace_period=config.grace_period, reduction_factor=config.reduction_factor,
+    return ASHAScheduler(time_attr=NLL_EPOCHS_METRIC, max_t=config.max_epochs,
+                         grace_period=config.first_rung, reduction_factor=config.reduction_factor,
                          stop_last_trials=False)
 
 

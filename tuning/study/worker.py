@@ -36,6 +36,7 @@ from tuning.study.trial import (
     EVAL_BATCH_SIZE,
     LATENCY_METRIC,
     MODEL_PARAMS_METRIC,
+    NLL_EPOCHS_METRIC,
     OBJECTIVES,
     TrialSpec,
     calibrated_nll,
@@ -118,10 +119,12 @@ class TrialMetrics(pl.Callback):
     ``epochs`` (completed, from 1), ``val/calibrated_nll`` and the trial's
     ``constants`` (its architecture's :data:`LATENCY_METRIC` and
     :data:`MODEL_PARAMS_METRIC`, measured once) into ``trainer.callback_metrics``.
-    It also remembers the last metrics in the Lightning checkpoint, so a trial
-    resumed from its final checkpoint, which trains no further epoch, can still
-    report its result (:meth:`report_if_silent`), and a resumed trial keeps its
-    constants without measuring them again.
+    It also remembers the last metrics in the Lightning checkpoint, so a resumed
+    trial reports its checkpoint's epoch again before it trains on
+    (:meth:`on_train_start`), a trial resumed from its final checkpoint, which
+    trains no further epoch, can still report its result
+    (:meth:`report_if_silent`), and a resumed trial keeps its constants without
+    measuring them again.
 
     Args:
         constants: metrics reported unchanged with every epoch.
@@ -133,9 +136,11 @@ class TrialMetrics(pl.Callback):
         self.reported = False
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Add ``epochs``, the calibrated objective and the constants to ``trainer.callback_metrics``."""
+        """Add ``epochs``, ``nll_epochs``, the calibrated objective and the constants to ``trainer.callback_metrics``."""
         metrics = trainer.callback_metrics
         metrics[EPOCHS_METRIC] = torch.tensor(float(trainer.current_epoch + 1))
+        warmup = getattr(getattr(pl_module, "loss_config", None), "mse_warmup_epochs", 0)
+        metrics[NLL_EPOCHS_METRIC] = torch.tensor(float(max(0, trainer.current_epoch + 1 - warmup)))
         if all(k in metrics for k in ("val/nll_km", "val/coverage_1sigma", "val/coverage_2sigma")):
             value = calibrated_nll(*(float(metrics[k]) for k in ("val/nll_km", "val/coverage_1sigma", "val/coverage_2sigma")))
             metrics[OBJECTIVES["calibrated"].metric] = torch.tensor(value)
@@ -154,6 +159,20 @@ class TrialMetrics(pl.Callback):
         for key in (LATENCY_METRIC, MODEL_PARAMS_METRIC):
             if key in self.last_metrics:
                 self.constants.setdefault(key, self.last_metrics[key])
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A resumed run first reports the epoch its checkpoint holds, then trains on.
+
+        That epoch's result may never have reached the driver: trained while the
+        driver was stopping (Ctrl-C), or in flight when it died. Without this,
+        Optuna would lack that intermediate value and ASHA that rung after
+        ``--resume``. A result the driver already had is harmless: Optuna keeps
+        one value per epoch and ASHA one per rung. Every rank calls it (Train's
+        reports are collective).
+        """
+        if self.last_metrics and not self.reported:
+            ray.train.report(dict(self.last_metrics))
+            self.reported = True
 
     def report_if_silent(self) -> None:
         """Report the restored metrics if this attempt trained no epoch.

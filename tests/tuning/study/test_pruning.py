@@ -164,7 +164,10 @@ def test_a_study_records_asha_stopped_trials_as_pruned_and_a_resume_keeps_them(t
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     args = ["--space", str(tmp_path / "tiny.yaml"), "--recordings", "64", "--dataset", "tiny",
             "--trials", str(TRIALS), "--max-epochs", str(MAX_EPOCHS), "--time-budget", "none", "--no-export",
-            "--name", "study", "--data-dir", str(tmp_path), "--optuna-storage", url]
+            "--name", "study", "--data-dir", str(tmp_path), "--optuna-storage", url,
+            # A rung after 1 epoch (the default, 2, equals MAX_EPOCHS: nothing would be stopped); one trial
+            # at a time, so that trials 0 and 1 are over when trial 2 starts.
+            "--grace-period", "1", "--max-concurrent", "1"]
     first = subprocess.run([sys.executable, "-m", "tests.tuning.study.test_pruning", str(tmp_path / "marker"), "--",
                             *args], cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
     (tmp_path / "first.log").write_text(first.stdout + first.stderr)
