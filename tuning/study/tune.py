@@ -1448,7 +1448,10 @@ class StudyProgress(tune.Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """Announce a trial and its parameters."""
         params = ", ".join(f"{_short(k)}={_fmt(v)}" for k, v in trial.config.items() if k != OPTUNA_NUMBER_KEY)
-        self._line(f"{self._label(trial)} started ({len(trials)}/{self.trials}): {params}")
+        # Counted by starts, not len(trials): Tune creates the next trials before it starts them.
+        started = self.__dict__.setdefault("_started", set())  # (a callback pickled before had none)
+        started.add(trial.trial_id)
+        self._line(f"{self._label(trial)} started ({len(started)}/{self.trials}): {params}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         """One line per validated epoch, with the best so far."""
