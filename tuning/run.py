@@ -451,7 +451,8 @@ def run_study(config: StudyConfig, space: SearchSpace, where: RunSettings, conn:
         plan = plan_study(config, resources)
         print("Heimdall Tune: plan\n" + describe_plan(config, space, where, conn.dataset, plan, resume=resume,
                                                      registry=conn.registry,
-                                                     without_reads=plan_study(config, resources, reads=False)))
+                                                     without_reads=plan_study(config, resources, reads=False)
+                                                     if started_ray else None))
         info = ensure_dataset(conn, config)
         split = SplitConfig()
         # An imported dataset carries its stations' offsets; they enter the features (and the cache key).
@@ -459,8 +460,10 @@ def run_study(config: StudyConfig, space: SearchSpace, where: RunSettings, conn:
         spec = TrialSpec(config, space, train_storage=conn.runs.train_path(config.name),
                          storage_filesystem=conn.runs.filesystem)
         # Read once here, shared by every trial (the blocks go with this driver; --resume reads them again);
-        # then the trials start no reads, and the plan gives them no CPU for it.
-        plan = plan_study(config, resources, reads=not materialises(cache, conn.store))
+        # then the trials start no reads, and on the local Ray this driver started the plan gives them no CPU
+        # for it. On a cluster it still does: blocks on a lost node are read again by Ray, and those read
+        # tasks need CPUs no trial holds (without them the recovery waits forever).
+        plan = plan_study(config, resources, reads=not (started_ray and materialises(cache, conn.store)))
         trainable = make_trainable(spec, study_datasets(cache, conn.store, seed=config.seed), cache, plan)
         print(f"study:     {plan.describe()}; experiment at {conn.runs.experiment_path(config.name)}")
         if resume:
@@ -801,7 +804,8 @@ def dry_run(config: StudyConfig, space: SearchSpace, where: RunSettings, *, resu
     plan = plan_study(config, resources)
     print("Heimdall Tune: plan\n" + describe_plan(config, space, where, dataset[0], plan, resume=resume,
                                                             registry=registry if export else None,
-                                                            without_reads=plan_study(config, resources, reads=False)))
+                                                            without_reads=None if where.places.ray_address
+                                                            else plan_study(config, resources, reads=False)))
     print("\n" + "\n".join(f"  {f.what:14s} {f.state:9s} {f.detail}" for f in check.findings))
     print("\n" + space_summary(space))
     print("\n" + check.summary())

@@ -61,10 +61,7 @@ def test_a_node_joining_mid_study_runs_more_trials_at_once(head_only: LocalClust
     optuna_url = f"sqlite:///{tmp_path / 'optuna.db'}"
     cmd = [sys.executable, "-m", "tuning.run", "--smoke-test", "--recordings", "128", "--trials", "5",
            "--dataset", name, "--name", name, "--data-dir", str(tmp_path), "--optuna-storage", optuna_url,
-           "--no-export", "--ray-address", head_only.address,
-           # 1.5 CPU per worker: 1 trial on the 2-CPU head, 3 once 3 CPUs join (the features are in the
-           # object store, so the trials read nothing and the plan gives them no CPU for reads)
-           "--cpus-per-worker", "1.5"]
+           "--no-export", "--ray-address", head_only.address]
     driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                               env={**os.environ, **head_only.client_env()})
     lines: list[str] = []

@@ -338,6 +338,12 @@ def _failure_record(spec: TrialSpec, trial_id: str) -> tuple[pyarrow.fs.FileSyst
     return spec.storage_filesystem or pyarrow.fs.LocalFileSystem(), f"{spec.train_storage}/{trial_id}/{FAILURE_FILE}"
 
 
+def _train_run_exists(spec: TrialSpec, trial_id: str) -> bool:
+    """Whether the trial's Train run (named after it) already has a folder in the run storage."""
+    fs = spec.storage_filesystem or pyarrow.fs.LocalFileSystem()
+    return fs.get_file_info(f"{spec.train_storage}/{trial_id}").type == pyarrow.fs.FileType.Directory
+
+
 def _read_failure(spec: TrialSpec, trial_id: str) -> str | None:
     fs, path = _failure_record(spec, trial_id)
     if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
@@ -485,10 +491,15 @@ def _fit_with_restarts(config: Mapping[str, Any], spec: TrialSpec, datasets: Map
     spec.configs(params)  # fail here, in one clear error, rather than in every worker
     spec.check_rows(cache.counts)
     seed = spec.study.seed + int(config.get(OPTUNA_NUMBER_KEY, 0))
+    # A Train run left by an earlier trial function (a resumed study, Tune's retry after a lost node): its
+    # last checkpoint's epoch may never have reached the driver, so the first run here reports it again.
+    # This function's own restarts need not: it received every result its runs reported.
+    continues = _train_run_exists(spec, trial_id)
     for restart in range(spec.study.max_failures + 1):
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"spec": spec, "params": params, "seed": seed, "cache": cache, "trial_id": trial_id},
+            train_loop_config={"spec": spec, "params": params, "seed": seed, "cache": cache, "trial_id": trial_id,
+                               "report_restored": continues and restart == 0},
             scaling_config=_scaling_config(spec),
             torch_config=_torch_config(spec),
             datasets=dict(datasets),

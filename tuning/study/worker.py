@@ -119,9 +119,9 @@ class TrialMetrics(pl.Callback):
     ``epochs`` (completed, from 1), ``val/calibrated_nll`` and the trial's
     ``constants`` (its architecture's :data:`LATENCY_METRIC` and
     :data:`MODEL_PARAMS_METRIC`, measured once) into ``trainer.callback_metrics``.
-    It also remembers the last metrics in the Lightning checkpoint, so a resumed
-    trial reports its checkpoint's epoch again before it trains on
-    (:meth:`on_train_start`), a trial resumed from its final checkpoint, which
+    It also remembers the last metrics in the Lightning checkpoint, so a trial
+    resumed by a new trial function reports its checkpoint's epoch again before
+    it trains on (:meth:`on_train_start`), a trial resumed from its final checkpoint, which
     trains no further epoch, can still report its result
     (:meth:`report_if_silent`), and a resumed trial keeps its constants without
     measuring them again.
@@ -130,8 +130,9 @@ class TrialMetrics(pl.Callback):
         constants: metrics reported unchanged with every epoch.
     """
 
-    def __init__(self, constants: Mapping[str, float] | None = None) -> None:
+    def __init__(self, constants: Mapping[str, float] | None = None, report_restored: bool = False) -> None:
         self.constants = dict(constants or {})
+        self.report_restored = report_restored
         self.last_metrics: dict[str, float] = {}
         self.reported = False
 
@@ -161,16 +162,17 @@ class TrialMetrics(pl.Callback):
                 self.constants.setdefault(key, self.last_metrics[key])
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """A resumed run first reports the epoch its checkpoint holds, then trains on.
+        """A run that continues an earlier trial function's run (``report_restored``) first reports
+        the epoch its checkpoint holds, then trains on.
 
         That epoch's result may never have reached the driver: trained while the
-        driver was stopping (Ctrl-C), or in flight when it died. Without this,
-        Optuna would lack that intermediate value and ASHA that rung after
-        ``--resume``. A result the driver already had is harmless: Optuna keeps
-        one value per epoch and ASHA one per rung. Every rank calls it (Train's
-        reports are collective).
+        driver was stopping (Ctrl-C), or in flight when a node died with the trial
+        function. Without this, Optuna would lack that intermediate value and ASHA
+        that rung after ``--resume``. A result the driver already had is harmless:
+        Optuna keeps one value per epoch, ASHA one per rung, the live MLflow run one
+        per step. Every rank calls it (Train's reports are collective).
         """
-        if self.last_metrics and not self.reported:
+        if self.report_restored and self.last_metrics and not self.reported:
             ray.train.report(dict(self.last_metrics))
             self.reported = True
 
@@ -244,7 +246,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Rank 0 only: Tune takes rank 0's metrics. A resumed run restores them from its checkpoint.
     measure = (any(o.metric == LATENCY_METRIC for o in spec.study.objectives) and checkpoint is None
                and ray.train.get_context().get_world_rank() == 0)
-    metrics = TrialMetrics(_architecture_metrics(configs, cache) if measure else None)
+    metrics = TrialMetrics(_architecture_metrics(configs, cache) if measure else None,
+                           report_restored=bool(config.get("report_restored")))
     trainer = _build_trainer(spec, metrics, placement, precision)
     world = ray.train.get_context().get_world_size()
     # n_rows gives the loaders a length: the module's lr schedule counts steps per epoch.

@@ -225,15 +225,22 @@ def test_resource_message_states_the_sum_and_a_limit_that_fits(cpus: float, work
     with pytest.raises(ConfigError) as err:
         plan_resources(cpus, workers, 100.0, trials=1)
     message = err.value.problems[0]
-    terms = re.search(r"needs --workers-per-trial (\d+) x --cpus-per-worker (\S+) \+ (\S+) CPU .*\+ (\S+) CPU .*"
-                      r"= (\S+) CPUs, more than the cluster's", message)
+    terms = re.search(r"needs --workers-per-trial (\d+) x --cpus-per-worker (\S+) \+ (\S+) CPU for its Ray Data "
+                      r"reads = (\S+) CPUs, more than the cluster's", message)
     assert terms, message
-    w, c, data, function, total = (float(x) for x in terms.groups())
-    assert w * c + data + function == pytest.approx(total, abs=0.006), message
+    w, c, data, total = (float(x) for x in terms.groups())
+    assert w * c + data == pytest.approx(total, abs=0.006), message
     limit = float(re.search(r"fix: --cpus-per-worker (\S+) or less", message).group(1))
     plan_resources(cpus, workers, limit, trials=1)  # the advertised limit is accepted
     with pytest.raises(ConfigError):
         plan_resources(cpus, workers, limit + 0.02, trials=1)
+    # Trials that read nothing (features in the object store): no reads term, and the whole CPUs fit.
+    with pytest.raises(ConfigError) as err:
+        plan_resources(cpus, workers, 100.0, trials=1, data_cpus=0.0)
+    message = err.value.problems[0]
+    assert "Ray Data" not in message and f"= {workers * 100:.2f} CPUs" in message, message
+    limit = float(re.search(r"fix: --cpus-per-worker (\S+) or less", message).group(1))
+    plan_resources(cpus, workers, limit, trials=1, data_cpus=0.0)
 
 
 def test_resource_message_when_no_worker_fits() -> None:
