@@ -155,7 +155,7 @@ def test_study_runs_on_both_nodes_and_survives_losing_the_worker_node(
     repeats = 0
     for key in results:
         epochs = [json.loads(line)["epochs"] for line in s3_store.get(key).decode().splitlines()]
-        assert epochs == sorted(epochs) and sorted(set(epochs)) == list(range(1, max(epochs) + 1)), (key, epochs)
+        assert epochs == sorted(epochs) and sorted(set(epochs)) == list(range(1, int(max(epochs)) + 1)), (key, epochs)
         repeats += len(epochs) - len(set(epochs))
     assert repeats <= 1, repeats
     # Shared storage only: checkpoints and Tune's state in S3, the best model released there and registered.
