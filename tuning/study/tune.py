@@ -231,7 +231,7 @@ class StudyConfig:
         ``max_epochs`` if fewer."""
         if self.grace_period is not None:
             return self.grace_period
-        return min(GRACE_NLL_EPOCHS, self.max_epochs) if isinstance(self.max_epochs, int) else GRACE_NLL_EPOCHS
+        return min(GRACE_NLL_EPOCHS, self.max_epochs)  # (__post_init__ has checked max_epochs)
 
     def __post_init__(self) -> None:
         p: list[str] = []
