@@ -97,6 +97,7 @@ from tuning.study.tune import (
     open_optuna_storage,
     open_run_storage,
     plan_study,
+    plans_reads,
     prune_stopped,
     reconcile_optuna,
     restore_tuner,
@@ -257,10 +258,10 @@ def _dataset_info(catalog: Catalog, name: str) -> DatasetInfo | None:
 
 def describe_plan(config: StudyConfig, space: SearchSpace, where: RunSettings, info: DatasetInfo | None,
                   plan: ResourcePlan, *, resume: bool, registry: RegistrySettings | None = None,
-                  without_reads: ResourcePlan | None = None) -> str:
+                  cached: ResourcePlan | None = None) -> str:
     """The study as it will run, one setting per line (``info`` None: the dataset will be generated;
-    ``registry`` None: no export stage; ``without_reads``: the plan should the features fit in the
-    object store, shown where it runs more trials at once than ``plan``)."""
+    ``registry`` None: no export stage; ``cached``: the plan once the features are cached, shown
+    where it runs more trials at once than ``plan``)."""
     o = config.objective_spec
     if info is None:
         data = f"{config.dataset!r} absent: will generate {config.dataset_recordings} recordings (seed {config.dataset_seed})"
@@ -282,9 +283,9 @@ def describe_plan(config: StudyConfig, space: SearchSpace, where: RunSettings, i
                    f"reduction {config.reduction_factor}; time budget {budget}; seed {config.seed}"),
         ("workers", f"{config.workers_per_trial} per trial x {config.cpus_per_worker:g} CPU"
                     + (f" + {config.gpus_per_worker:g} GPU" if config.gpus_per_worker else "") + f"; {plan.describe()}"
-                    + (f"; {without_reads.max_concurrent} at a time if the features fit in the object store "
+                    + (f"; {cached.max_concurrent} at a time if the features fit in the object store "
                        "(known once they are cached: the trials then read nothing)"
-                       if without_reads and without_reads.max_concurrent > plan.max_concurrent else "")),
+                       if cached and cached.max_concurrent > plan.max_concurrent else "")),
         ("catalogue", describe_url(where.data.catalog_url)),
         ("store", describe_url(where.data.store_url)),
         ("optuna", describe_url(where.places.optuna_url)),
@@ -444,26 +445,25 @@ def run_study(config: StudyConfig, space: SearchSpace, where: RunSettings, conn:
     stop = stop or GracefulStop()
     out_dir = where.places.output_root / config.name
     started_ray = start_ray(where.places.ray_address, verbose)
+    local = started_ray and not where.places.ray_address  # the local Ray this run started
     try:
         # The plan, from the cluster that runs the study (Ray is up now); whether the trials read their
         # data is known once the features are cached (below), so this first plan assumes they do.
         resources = ray.cluster_resources()
         plan = plan_study(config, resources)
-        print("Heimdall Tune: plan\n" + describe_plan(config, space, where, conn.dataset, plan, resume=resume,
-                                                     registry=conn.registry,
-                                                     without_reads=plan_study(config, resources, reads=False)
-                                                     if started_ray else None))
+        print("Heimdall Tune: plan\n" + describe_plan(
+            config, space, where, conn.dataset, plan, resume=resume, registry=conn.registry,
+            cached=plan_study(config, resources, reads=plans_reads(local=local, materialised=True))))
         info = ensure_dataset(conn, config)
         split = SplitConfig()
         # An imported dataset carries its stations' offsets; they enter the features (and the cache key).
         cache = ensure_feature_cache(conn.catalog, conn.store, config.dataset, feature_config_for(info.config), split=split)
         spec = TrialSpec(config, space, train_storage=conn.runs.train_path(config.name),
                          storage_filesystem=conn.runs.filesystem)
-        # Read once here, shared by every trial (the blocks go with this driver; --resume reads them again);
-        # then the trials start no reads, and on the local Ray this driver started the plan gives them no CPU
-        # for it. On a cluster it still does: blocks on a lost node are read again by Ray, and those read
-        # tasks need CPUs no trial holds (without them the recovery waits forever).
-        plan = plan_study(config, resources, reads=not (started_ray and materialises(cache, conn.store)))
+        # Materialised: read once here, shared by every trial (the blocks go with this driver; --resume
+        # reads them again); the trials then start no reads.
+        plan = plan_study(config, resources,
+                          reads=plans_reads(local=local, materialised=materialises(cache, conn.store)))
         trainable = make_trainable(spec, study_datasets(cache, conn.store, seed=config.seed), cache, plan)
         print(f"study:     {plan.describe()}; experiment at {conn.runs.experiment_path(config.name)}")
         if resume:
@@ -804,8 +804,8 @@ def dry_run(config: StudyConfig, space: SearchSpace, where: RunSettings, *, resu
     plan = plan_study(config, resources)
     print("Heimdall Tune: plan\n" + describe_plan(config, space, where, dataset[0], plan, resume=resume,
                                                             registry=registry if export else None,
-                                                            without_reads=None if where.places.ray_address
-                                                            else plan_study(config, resources, reads=False)))
+                                                            cached=plan_study(config, resources, reads=plans_reads(
+                                                                local=not where.places.ray_address, materialised=True))))
     print("\n" + "\n".join(f"  {f.what:14s} {f.state:9s} {f.detail}" for f in check.findings))
     print("\n" + space_summary(space))
     print("\n" + check.summary())

@@ -170,7 +170,7 @@ class TrialConfigs:
 
     arch: str
     model: Any
-    loss: Any
+    loss: LossConfig
     optimizer: Any
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 

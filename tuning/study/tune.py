@@ -706,10 +706,19 @@ def plan_resources(cluster_cpus: float, workers_per_trial: int, cpus_per_worker:
     return replace(plan, max_concurrent=max(1, concurrent), bound_by=bound)
 
 
+def plans_reads(*, local: bool, materialised: bool) -> bool:
+    """Whether a study's plan gives each trial :data:`DATA_CPUS_PER_TRIAL` for Ray Data reads.
+
+    Not when its features are materialised in the object store of the local Ray the run started
+    (``local``): the trials then start no read task. On a cluster (``--ray-address``) always: Ray
+    reads the blocks of a lost node again, and those read tasks need CPUs that no trial holds
+    (without them the recovery waits forever)."""
+    return not (local and materialised)
+
+
 def plan_study(config: StudyConfig, resources: Mapping[str, float], *, reads: bool = True) -> ResourcePlan:
     """:func:`plan_resources` for ``config`` on a cluster of ``resources`` (``ray.cluster_resources()``);
-    ``reads``: whether the trials read their data (False when the features are materialised in the
-    object store, :func:`tuning.data.pipeline.materialises`)."""
+    ``reads``: whether the trials get CPUs to read their data (:func:`plans_reads`)."""
     return plan_resources(float(resources.get("CPU", 0.0)), config.workers_per_trial, config.cpus_per_worker,
                           config.trials, config.max_concurrent, cluster_gpus=float(resources.get("GPU", 0.0)),
                           gpus_per_worker=config.gpus_per_worker, data_cpus=DATA_CPUS_PER_TRIAL if reads else 0.0)

@@ -128,10 +128,15 @@ class TrialMetrics(pl.Callback):
 
     Args:
         constants: metrics reported unchanged with every epoch.
+        warmup_epochs: the trial's MSE warm-up (``LossConfig.mse_warmup_epochs``): ``nll_epochs``
+            counts the epochs after it.
+        report_restored: the run continues an earlier trial function's run (:meth:`on_train_start`).
     """
 
-    def __init__(self, constants: Mapping[str, float] | None = None, report_restored: bool = False) -> None:
+    def __init__(self, constants: Mapping[str, float] | None = None, *, warmup_epochs: int = 0,
+                 report_restored: bool = False) -> None:
         self.constants = dict(constants or {})
+        self.warmup_epochs = warmup_epochs
         self.report_restored = report_restored
         self.last_metrics: dict[str, float] = {}
         self.reported = False
@@ -140,8 +145,7 @@ class TrialMetrics(pl.Callback):
         """Add ``epochs``, ``nll_epochs``, the calibrated objective and the constants to ``trainer.callback_metrics``."""
         metrics = trainer.callback_metrics
         metrics[EPOCHS_METRIC] = torch.tensor(float(trainer.current_epoch + 1))
-        warmup = getattr(getattr(pl_module, "loss_config", None), "mse_warmup_epochs", 0)
-        metrics[NLL_EPOCHS_METRIC] = torch.tensor(float(max(0, trainer.current_epoch + 1 - warmup)))
+        metrics[NLL_EPOCHS_METRIC] = torch.tensor(float(max(0, trainer.current_epoch + 1 - self.warmup_epochs)))
         if all(k in metrics for k in ("val/nll_km", "val/coverage_1sigma", "val/coverage_2sigma")):
             value = calibrated_nll(*(float(metrics[k]) for k in ("val/nll_km", "val/coverage_1sigma", "val/coverage_2sigma")))
             metrics[OBJECTIVES["calibrated"].metric] = torch.tensor(value)
@@ -247,7 +251,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     measure = (any(o.metric == LATENCY_METRIC for o in spec.study.objectives) and checkpoint is None
                and ray.train.get_context().get_world_rank() == 0)
     metrics = TrialMetrics(_architecture_metrics(configs, cache) if measure else None,
-                           report_restored=bool(config.get("report_restored")))
+                           warmup_epochs=configs.loss.mse_warmup_epochs, report_restored=bool(config.get("report_restored")))
     trainer = _build_trainer(spec, metrics, placement, precision)
     world = ray.train.get_context().get_world_size()
     # n_rows gives the loaders a length: the module's lr schedule counts steps per epoch.

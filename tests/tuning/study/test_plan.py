@@ -25,7 +25,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from heimdall.errors import ConfigError
 from tuning.ops.localcluster import LocalCluster
-from tuning.study.tune import ClusterLimiter, StudyConfig, plan_resources, plan_study
+from tuning.study.tune import ClusterLimiter, StudyConfig, plan_resources, plan_study, plans_reads
 
 pytestmark = [pytest.mark.ray]
 
@@ -165,6 +165,15 @@ def test_cluster_limiter_follows_the_cluster_between_suggestions(capsys: pytest.
     cluster["CPU"] = 0.0  # nothing fits: one trial may still wait for a node (an autoscaler's demand)
     limiter.on_trial_complete("d", {"m": 1.0})
     assert limiter.follow_cluster(cluster) == 1
+
+
+def test_only_a_local_ray_with_the_features_in_its_object_store_plans_no_reads() -> None:
+    assert not plans_reads(local=True, materialised=True)
+    assert plans_reads(local=True, materialised=False)  # the trials read the cache files
+    assert plans_reads(local=False, materialised=True)  # a cluster reads a lost node's blocks again
+    config = StudyConfig(name="p", trials=8)
+    assert plan_study(config, {"CPU": 2.0}, reads=False).max_concurrent == 2
+    assert plan_study(config, {"CPU": 2.0}).max_concurrent == 1
 
 
 def test_cluster_limiter_keeps_the_plans_reads_when_it_replans() -> None:

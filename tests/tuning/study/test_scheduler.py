@@ -1,12 +1,19 @@
 """ASHA as the study builds it: rungs count the epochs a trial trained its NLL, after its MSE warm-up."""
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
+import torch
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
+from torch.utils.data import DataLoader, TensorDataset
 
+from heimdall.losses import LossConfig
+from heimdall.models import ResNetConfig, build_model
+from heimdall.module import LocalizationModule, OptimizerConfig
 from tuning.study.trial import EPOCHS_METRIC, NLL_EPOCHS_METRIC
 from tuning.study.tune import GRACE_NLL_EPOCHS, StudyConfig, make_scheduler
+from tuning.study.worker import TrialMetrics
 
 METRIC = "val/nll_km"
 
@@ -38,3 +45,35 @@ def test_no_rung_judges_a_trial_during_its_mse_warm_up() -> None:
         assert scheduler.on_trial_result(None, warm, _result(epoch, 3, 50.0)) == TrialScheduler.CONTINUE, epoch
     # ...and judged at epoch 5, its second NLL epoch, against the others' second NLL epoch.
     assert scheduler.on_trial_result(None, warm, _result(5, 3, 9.5)) == TrialScheduler.STOP
+
+
+class _Recordings(TensorDataset):
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        features, target = super().__getitem__(i)
+        return {"features": features, "mask": torch.ones(7, dtype=torch.bool), "target": target}
+
+
+class _Seen(pl.Callback):
+    """What Ray's report callback would read after each epoch (it runs after TrialMetrics)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, float]] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        m = trainer.callback_metrics
+        self.seen.append((float(m[EPOCHS_METRIC]), float(m[NLL_EPOCHS_METRIC])))
+
+
+def test_a_worker_counts_nll_epochs_after_its_trials_mse_warm_up() -> None:
+    g = torch.Generator().manual_seed(0)
+    data = _Recordings(torch.randn(8, 7, 128, 32, generator=g), torch.rand(8, 2, generator=g) * 2 - 1)
+    loss = LossConfig(mse_warmup_epochs=2)
+    module = LocalizationModule(build_model("resnet", ResNetConfig(stage_depths=(1,), width=8, stem_channels=2,
+                                                                   head_hidden=16, dropout=0.0)),
+                                loss, OptimizerConfig(batch_size=8, warmup=0.0, max_epochs=4))
+    seen = _Seen()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=4, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, enable_checkpointing=False,
+                         callbacks=[TrialMetrics(warmup_epochs=loss.mse_warmup_epochs), seen])
+    trainer.fit(module, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
+    assert seen.seen == [(1.0, 0.0), (2.0, 0.0), (3.0, 1.0), (4.0, 2.0)]
