@@ -9,8 +9,8 @@ per-trial timeline of where the seconds go. ``--smoke-test`` is needed: without 
 space's MSE warm-up (up to 3 epochs) does not fit one epoch.
 
 ``trials-per-hour``: the default study (``python -m tuning.run --space resnet --no-export
---time-budget X``) per tree, reporting trials and epochs per hour of its fit (from the
-study's summary.json).
+--time-budget X``; ``--export``: with its export and registry, so with live MLflow tracking) per
+tree, reporting trials and epochs per hour of its fit (from the study's summary.json).
 
 Trees: ``--refs BEFORE AFTER`` (default ``16a8634``, the commit before issue 10's start-up
 work, and ``WORKTREE``, this checkout as it is). A commit is checked out with ``git worktree
@@ -279,7 +279,8 @@ def trials_per_hour(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     with trees(args.refs, tmp) as srcs:
         for ref in args.refs:
             name = _name("tph", ref)
-            argv = ["--space", "resnet", "--no-export", "--time-budget", args.budget, *args.study_args, "--name", name]
+            argv = ["--space", "resnet", *([] if args.export else ["--no-export"]), "--time-budget", args.budget,
+                    *args.study_args, "--name", name]
             # A tree whose catalogue format differs from the other's needs its own data (generated before
             # its fit, which alone is timed).
             data_dir = args.data_dir / ref if args.data_per_tree else args.data_dir
@@ -313,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-per-tree", action="store_true",
                    help="trials-per-hour: each tree gets its own data folder inside --data-dir (trees whose "
                         "catalogue formats differ; each generates the dataset before its timed fit)")
+    p.add_argument("--export", action="store_true",
+                   help="trials-per-hour: keep the study's export and registry, as the README's run does (the "
+                        "live MLflow tracking then runs during the fit; the export after it is not counted)")
     p.add_argument("--out", type=Path, help="write the results here as JSON")
     args = p.parse_args(argv)
     if args.trials[0] >= args.trials[1]:
