@@ -711,8 +711,7 @@ def plans_reads(*, local: bool, materialised: bool) -> bool:
 
     Not when its features are materialised in the object store of the local Ray the run started
     (``local``): the trials then start no read task. On a cluster (``--ray-address``) always: Ray
-    reads the blocks of a lost node again, and those read tasks need CPUs that no trial holds
-    (without them the recovery waits forever)."""
+    reads the blocks of a lost node again, and those read tasks need CPUs that no trial holds."""
     return not (local and materialised)
 
 
